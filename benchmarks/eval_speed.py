@@ -12,7 +12,10 @@ so a reduced run (fewer epochs, smaller width or N) is labelled as such.
 Run (paper settings, one H100/H200; expected cost about 1 minute, targets <= 10 s for (a) at 1000
 epochs and <= 2 min per network for (b) at 150 epochs):
     python benchmarks/eval_speed.py --device cuda --epochs 200 --full-epochs 1
-Reduced CPU run (about 1 minute on 2 cores):
+Add --compile to time `train_networks(..., compile_forward=True)`; each `train_networks` call
+compiles its own forward, so the timed run includes that cost (as real use would), partly cut by
+inductor's on-disk cache after the warm-up.
+Reduced CPU run (about 30 s on 2 cores):
     python benchmarks/eval_speed.py --device cpu --epochs 5 --width 32 --full-n 2048 --full-epochs 1
 """
 
@@ -44,7 +47,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_training(
-    num_samples: int, im_size: int, nets: int, epochs: int, width: int, device: torch.device
+    num_samples: int,
+    im_size: int,
+    nets: int,
+    epochs: int,
+    width: int,
+    device: torch.device,
+    compile_forward: bool = False,
 ) -> float:
     """Seconds to train `nets` networks for `epochs` epochs (after a one-epoch warm-up)."""
     g = torch.Generator().manual_seed(0)
@@ -66,7 +75,9 @@ def time_training(
             lr_gamma=0.1,
         )
         generators = [torch.Generator().manual_seed(s) for s in range(nets)]
-        ensemble = train_networks(images, labels, factory, cfg, generators, progress=False)
+        ensemble = train_networks(
+            images, labels, factory, cfg, generators, progress=False, compile_forward=compile_forward
+        )
         assert ensemble.train_loss is not None
         ensemble.train_loss.sum().item()  # wait for the device
 
@@ -89,6 +100,7 @@ def main() -> None:
     parser.add_argument("--full-epochs", type=int, default=1, help="epochs timed in (b)")
     parser.add_argument("--full-n", type=int, default=60_000, help="training-set size in (b)")
     parser.add_argument("--full-nets", type=int, default=1, help="networks trained at once in (b)")
+    parser.add_argument("--compile", action="store_true", help="compile the vmapped forward")
     parser.add_argument("--skip-full", action="store_true", help="time (a) only")
     args = parser.parse_args()
 
@@ -96,11 +108,12 @@ def main() -> None:
     name = device_name(device)
     reduced = args.width != 128 or args.full_n != 60_000
     label = " (REDUCED settings, not the protocol's)" if reduced else ""
-    print(f"torch {torch.__version__}, device {name}{label}\n")
+    compiled = ", torch.compile on" if args.compile else ""
+    print(f"torch {torch.__version__}, device {name}{label}{compiled}\n")
     print("| work | device | settings | measured | projected |")
     print("|---|---|---|---|---|")
 
-    seconds = time_training(SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device)
+    seconds = time_training(SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device, args.compile)
     per_epoch = seconds / args.epochs
     print(
         f"| (a) synthetic set, {args.nets} nets at once | {name} | N={SYNTHETIC_N} 3x32x32, width "
@@ -109,7 +122,9 @@ def main() -> None:
         f"{PROTOCOL_EPOCHS_SYNTHETIC * per_epoch:.1f} s for {args.nets} nets |"
     )
     if not args.skip_full:
-        seconds = time_training(args.full_n, 28, args.full_nets, args.full_epochs, args.width, device)
+        seconds = time_training(
+            args.full_n, 28, args.full_nets, args.full_epochs, args.width, device, args.compile
+        )
         per_epoch_per_net = seconds / args.full_epochs / args.full_nets
         print(
             f"| (b) full set, {args.full_nets} net(s) at once | {name} | N={args.full_n} 3x28x28, width "
