@@ -56,13 +56,16 @@ def main() -> None:
         inject(images, attributes, cfg, "train", workers=args.workers)
         seconds = time.perf_counter() - start
         target = "<= 180 s" if protocol == "cifar10c" else "(no target)"
-        rows.append((f"CCIFAR10-DD train, {protocol} (random CIFAR-shaped pixels)", args.n_cifar, seconds, target))
+        rows.append(
+            (f"CCIFAR10-DD train, {protocol} (random CIFAR-shaped pixels)", args.n_cifar, seconds, target)
+        )
 
     today = datetime.date.today().isoformat()
     lines = []
     for what, n, seconds, target in rows:
         lines.append(
-            f"| {today} | {machine} | `python benchmarks/bias_inject.py` | {what}, severity {args.severity} | "
+            f"| {today} | {machine} | `python benchmarks/bias_inject.py` | "
+            f"{what}, severity {args.severity} | "
             f"{n} images in {seconds:.1f} s = {n / seconds:,.0f} img/s | {target} |"
         )
     print("\n".join(lines))

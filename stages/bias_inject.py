@@ -35,7 +35,13 @@ def main() -> None:
     train = io.read_h5(args.base, "train")
     test = io.read_h5(args.base, "test")
     splits = build_biased(
-        train["images"], train["labels"], test["images"], test["labels"], cfg, cmnist, workers=default_workers()
+        train["images"],
+        train["labels"],
+        test["images"],
+        test["labels"],
+        cfg,
+        cmnist,
+        workers=default_workers(),
     )
     provenance = {
         "config": dataclasses.asdict(cfg),

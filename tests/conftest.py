@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:
     n, rows, cols = images.shape
-    header = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + rows.to_bytes(4, "big") + cols.to_bytes(4, "big")
+    header = (
+        (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + rows.to_bytes(4, "big") + cols.to_bytes(4, "big")
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + images.astype(np.uint8).tobytes())
 
@@ -38,7 +40,8 @@ def fake_mnist(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarr
     raw = tmp_path / "mirror" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     arrays = {
-        "train_images": (rng.random((120, 28, 28)) > 0.7).astype(np.uint8) * rng.integers(1, 256, (120, 28, 28)),
+        "train_images": (rng.random((120, 28, 28)) > 0.7).astype(np.uint8)
+        * rng.integers(1, 256, (120, 28, 28)),
         "train_labels": np.arange(120) % 10,
         "test_images": (rng.random((40, 28, 28)) > 0.7).astype(np.uint8) * rng.integers(1, 256, (40, 28, 28)),
         "test_labels": np.arange(40) % 10,
@@ -62,8 +65,12 @@ def fake_cifar(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarr
     for i in range(1, 6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(x) for x in rng.integers(0, 10, per_batch)]
-        blob = {"batch_label": f"training batch {i} of 5", "labels": labels, "data": data,
-                "filenames": [f"img{j}.png" for j in range(per_batch)]}
+        blob = {
+            "batch_label": f"training batch {i} of 5",
+            "labels": labels,
+            "data": data,
+            "filenames": [f"img{j}.png" for j in range(per_batch)],
+        }
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(blob, protocol=2))
         train_images.append(data)
         train_labels += labels

@@ -59,7 +59,7 @@ def test_known_values_and_edge_ratios():
     assert np.all(assign_attributes(labels, 1.0) == labels)
     assert not np.any(assign_attributes(labels, 0.0) == labels)
     uniform = assign_attributes(labels, 0.1)
-    for label, n in enumerate(MNIST_TRAIN):
+    for label, _n in enumerate(MNIST_TRAIN):
         counts = np.bincount(uniform[labels == label], minlength=10)
         assert counts.max() - counts.min() <= 1  # exactly uniform up to rounding
 
@@ -91,8 +91,9 @@ def test_colours_within_noise_bound_and_black_background(severity):
     raw[:, 0, 0] = 255  # at least one full-intensity pixel per image to read the colour off
     raw[:, 27, 27] = 0
     attributes = np.arange(300) % 10
-    out = colour_chunk(raw, attributes, np.asarray(cmnist.colours), cmnist.sigma[severity - 1],
-                       np.random.SeedSequence(0))
+    out = colour_chunk(
+        raw, attributes, np.asarray(cmnist.colours), cmnist.sigma[severity - 1], np.random.SeedSequence(0)
+    )
     assert out.shape == (300, 3, 28, 28) and out.dtype == np.uint8
     background = np.broadcast_to(raw[:, None] == 0, out.shape)
     assert np.all(out[background] == 0)
@@ -157,7 +158,10 @@ def test_build_biased_splits():
         ({"bias_ratio": -0.1}, "bias_ratio"),
         ({"severity": 5}, r"severity: 5 is not valid; choose one of \[1, 2, 3, 4\]"),
         ({"severity": 0}, "severity"),
-        ({"dataset": "svhn"}, r"params.dataset: 'svhn' is not valid; expected one of \['cmnist', 'ccifar10'\]"),
+        (
+            {"dataset": "svhn"},
+            r"params.dataset: 'svhn' is not valid; expected one of \['cmnist', 'ccifar10'\]",
+        ),
         ({"corruption_protocol": "blur"}, r"corruption_protocol: 'blur' is not valid; expected one of"),
         ({"bias_ratio": "high"}, r"bias_ratio: 'high' is not valid; expected a value of type float"),
         ({"severity": 2.0}, "severity: 2.0 is not valid; expected a value of type int"),

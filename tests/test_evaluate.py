@@ -116,8 +116,9 @@ def max_weight_diff(a: nn.Module, b: nn.Module) -> float:
 # --- batched == sequential ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "one-by-one"])
 @pytest.mark.parametrize("augment", [None, noisy_flip], ids=["plain", "augmented"])
-def test_batched_equals_sequential(augment) -> None:
+def test_batched_equals_sequential(augment, batched) -> None:
     # N = 10 with batch 4: batches 4, 4, 2 (last partial batch kept); a milestone mid-run.
     images, labels = tiny_data(10)
     cfg = make_cfg(epochs=4, lr_milestones=(2,))
@@ -130,15 +131,46 @@ def test_batched_equals_sequential(augment) -> None:
         [torch.Generator().manual_seed(s) for s in seeds],
         augment=augment,
         progress=False,
+        batched=batched,
     )
-    batched = ensemble.unstack()
-    assert len(batched) == 3
-    for seed, net in zip(seeds, batched, strict=True):
+    trained = ensemble.unstack()
+    assert len(trained) == 3
+    for seed, net in zip(seeds, trained, strict=True):
         reference = train_sequential(images, labels, tiny_factory(), cfg, seed, augment=augment)
         assert_same_weights(net, reference)
     # Training moved the weights away from the init.
     init = tiny_factory()(torch.Generator().manual_seed(0))
-    assert max_weight_diff(batched[0], init) > 1e-3
+    assert max_weight_diff(trained[0], init) > 1e-3
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmapped", "one-by-one"])
+def test_per_network_training_sets(batched) -> None:
+    # Each repeat trains on its own (distilled) set: network r must equal a sequential run on set r.
+    sets = [tiny_data(10)[0] * (1 + r) for r in range(2)]
+    labels = [tiny_data(10)[1].roll(r) for r in range(2)]
+    cfg = make_cfg(epochs=3, lr_milestones=(1,))
+    ensemble = train_networks(
+        torch.stack(sets),
+        torch.stack(labels),
+        tiny_factory(),
+        cfg,
+        [torch.Generator().manual_seed(s) for s in (3, 4)],
+        augment=noisy_flip,
+        progress=False,
+        batched=batched,
+    )
+    for r, (seed, net) in enumerate(zip((3, 4), ensemble.unstack(), strict=True)):
+        reference = train_sequential(sets[r], labels[r], tiny_factory(), cfg, seed, augment=noisy_flip)
+        assert_same_weights(net, reference)
+    with pytest.raises(ValueError, match="leading dimension R = 3"):
+        train_networks(
+            torch.stack(sets),
+            torch.stack(labels),
+            tiny_factory(),
+            cfg,
+            [torch.Generator() for _ in range(3)],
+            progress=False,
+        )
 
 
 def test_float32_batched_close_to_sequential() -> None:
@@ -151,6 +183,7 @@ def test_float32_batched_close_to_sequential() -> None:
         cfg,
         [torch.Generator().manual_seed(s) for s in (5, 6)],
         progress=False,
+        batched=True,
     )
     for seed, net in zip((5, 6), ensemble.unstack(), strict=True):
         reference = train_sequential(images, labels, tiny_factory(torch.float32), cfg, seed)
@@ -174,6 +207,7 @@ def test_each_network_gets_its_own_augmentation() -> None:
         make_cfg(epochs=2, batch_size=6, lr_milestones=()),
         generators,
         recording,
+        batched=True,
     )
     # 2 epochs x 1 batch x 3 networks, each call with its own network's generator.
     assert [gen_id for gen_id, _ in draws] == [id(g) for g in generators] * 2

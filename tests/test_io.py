@@ -14,8 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 def _groups():
     rng = np.random.default_rng(0)
     return {
-        "train": {"images": rng.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8), "labels": np.arange(50),
-                  "@attrs": {"bias_ratio": 0.8}},
+        "train": {
+            "images": rng.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8),
+            "labels": np.arange(50),
+            "@attrs": {"bias_ratio": 0.8},
+        },
         "test": {"images": np.zeros((0, 3, 8, 8), dtype=np.uint8)},
     }
 
@@ -67,12 +70,36 @@ def _run_stages(workdir: Path, params: Path, extra_env=None):
     import os
 
     env = {**os.environ, **env}
-    subprocess.run([sys.executable, str(REPO / "stages/download.py"), "--params", str(params),
-                    "--embedded", str(REPO / "data/embedded"), "--out", str(workdir / "base.h5")],
-                   check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, str(REPO / "stages/bias_inject.py"), "--params", str(params),
-                    "--base", str(workdir / "base.h5"), "--out", str(workdir / "biased.h5")],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/download.py"),
+            "--params",
+            str(params),
+            "--embedded",
+            str(REPO / "data/embedded"),
+            "--out",
+            str(workdir / "base.h5"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/bias_inject.py"),
+            "--params",
+            str(params),
+            "--base",
+            str(workdir / "base.h5"),
+            "--out",
+            str(workdir / "biased.h5"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
 
 
 def _tiny_params(tmp_path: Path, **top) -> Path:
@@ -106,11 +133,33 @@ def test_same_params_give_byte_identical_biased_files(tmp_path):
 def test_bad_param_fails_before_work_and_writes_nothing(tmp_path):
     params = _tiny_params(tmp_path, bias_ratio=1.2)
     (tmp_path / "w").mkdir()
-    subprocess.run([sys.executable, str(REPO / "stages/download.py"), "--params", str(params),
-                    "--embedded", str(REPO / "data/embedded"), "--out", str(tmp_path / "w/base.h5")], check=True)
-    result = subprocess.run([sys.executable, str(REPO / "stages/bias_inject.py"), "--params", str(params),
-                             "--base", str(tmp_path / "w/base.h5"), "--out", str(tmp_path / "w/biased.h5")],
-                            capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/download.py"),
+            "--params",
+            str(params),
+            "--embedded",
+            str(REPO / "data/embedded"),
+            "--out",
+            str(tmp_path / "w/base.h5"),
+        ],
+        check=True,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/bias_inject.py"),
+            "--params",
+            str(params),
+            "--base",
+            str(tmp_path / "w/base.h5"),
+            "--out",
+            str(tmp_path / "w/biased.h5"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "bias_ratio: 1.2 is out of range; valid values are in [0.0, 1.0]" in result.stderr
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["base.h5"]

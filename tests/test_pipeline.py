@@ -18,9 +18,15 @@ COPY = ["dvc.yaml", "params.yaml", "stages", "src", "data/embedded", ".dvcignore
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc cmds
-    env.update(DVC_NO_ANALYTICS="1", MPLBACKEND="Agg", BIASDD_WORKERS="2",
-               GIT_AUTHOR_NAME="biasdd-test", GIT_AUTHOR_EMAIL="test@biasdd.invalid",
-               GIT_COMMITTER_NAME="biasdd-test", GIT_COMMITTER_EMAIL="test@biasdd.invalid")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        MPLBACKEND="Agg",
+        BIASDD_WORKERS="2",
+        GIT_AUTHOR_NAME="biasdd-test",
+        GIT_AUTHOR_EMAIL="test@biasdd.invalid",
+        GIT_COMMITTER_NAME="biasdd-test",
+        GIT_COMMITTER_EMAIL="test@biasdd.invalid",
+    )
     return env
 
 

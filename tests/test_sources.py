@@ -17,7 +17,18 @@ def test_embedded_mnist_is_the_original(monkeypatch):
     assert base.test_images.shape == (10000, 28, 28)
     assert base.train_labels.dtype == np.int64
     # the real class sizes of MNIST's training set
-    assert np.bincount(base.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(base.train_labels).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
     assert base.source.startswith("embedded")
 
 
@@ -95,15 +106,33 @@ def test_idx_reader_rejects_other_files(tmp_path):
     ("params", "message"),
     [
         ({"dataset": "svhn"}, r"dataset: 'svhn' is not valid; choose one of \['cmnist', 'ccifar10'\]"),
-        ({"download": {"mirror": None, "cache_dir": ".c", "limit_train": 5, "limit_test": None}}, "limit_train"),
-        ({"download": {"mirror": 3, "cache_dir": ".c", "limit_train": None, "limit_test": None}}, "download.mirror"),
-        ({"download": {"mirror": None, "cache_dir": ".c", "limit_train": None, "limit_test": None, "x": 1}},
-         "unknown key"),
+        (
+            {"download": {"mirror": None, "cache_dir": ".c", "limit_train": 5, "limit_test": None}},
+            "limit_train",
+        ),
+        (
+            {"download": {"mirror": 3, "cache_dir": ".c", "limit_train": None, "limit_test": None}},
+            "download.mirror",
+        ),
+        (
+            {
+                "download": {
+                    "mirror": None,
+                    "cache_dir": ".c",
+                    "limit_train": None,
+                    "limit_test": None,
+                    "x": 1,
+                }
+            },
+            "unknown key",
+        ),
     ],
 )
 def test_download_config_validation(params, message):
-    full = {"dataset": "cmnist",
-            "download": {"mirror": None, "cache_dir": ".c", "limit_train": None, "limit_test": None}}
+    full = {
+        "dataset": "cmnist",
+        "download": {"mirror": None, "cache_dir": ".c", "limit_train": None, "limit_test": None},
+    }
     full.update(params)
     with pytest.raises((ValueError, KeyError), match=message):
         DownloadConfig.from_params(full)

@@ -58,7 +58,9 @@ class BiasConfig:
 class CMNISTConfig:
     """CMNIST-DD colours and noise (PROTOCOL section 3; LfF's colored MNIST)."""
 
-    colours: tuple[tuple[float, float, float], ...]  # mean RGB in [0, 1]; attribute k = aligned colour of class k
+    colours: tuple[
+        tuple[float, float, float], ...
+    ]  # mean RGB in [0, 1]; attribute k = aligned colour of class k
     sigma: tuple[float, ...]  # colour noise std at severity 1..4
 
     def __post_init__(self) -> None:
@@ -100,7 +102,9 @@ def assign_attributes(labels: np.ndarray, bias_ratio: float, num_classes: int = 
 # --- CMNIST-DD ------------------------------------------------------------------------------------
 
 
-def colour_chunk(raw: np.ndarray, attributes: np.ndarray, colours: np.ndarray, sigma: float, seed_seq) -> np.ndarray:
+def colour_chunk(
+    raw: np.ndarray, attributes: np.ndarray, colours: np.ndarray, sigma: float, seed_seq
+) -> np.ndarray:
     """(n, 28, 28) uint8 digits -> (n, 3, 28, 28) uint8, one Gaussian colour offset per image."""
     rng = np.random.default_rng(seed_seq)
     colour = colours[attributes] + rng.normal(0.0, sigma, size=(len(raw), 3))  # (n, 3)
@@ -161,12 +165,15 @@ def inject(
             raise ValueError("cmnist: colours and sigmas are required for dataset 'cmnist'")
         colours = np.asarray(cmnist.colours, dtype=np.float64)
         sigma = cmnist.sigma[cfg.severity - 1]
-        tasks = [(images[s : s + CHUNK], attributes[s : s + CHUNK], colours, sigma, q) for s, q in zip(starts, seeds)]
+        tasks = [
+            (images[s : s + CHUNK], attributes[s : s + CHUNK], colours, sigma, q)
+            for s, q in zip(starts, seeds, strict=True)
+        ]
         parts = _run_chunks(_colour_job, tasks, workers, f"colour {split}")
     else:
         tasks = [
             (images[s : s + CHUNK], attributes[s : s + CHUNK], cfg.severity, cfg.corruption_protocol, q)
-            for s, q in zip(starts, seeds)
+            for s, q in zip(starts, seeds, strict=True)
         ]
         parts = _run_chunks(_corrupt_job, tasks, workers, f"corrupt {split}")
     if not parts:
@@ -218,7 +225,9 @@ def build_biased(
             "aligned": attributes == labels,
             "@attrs": {"bias_ratio": ratio, "n": len(labels)},
         }
-        log.info("%s: %d images, aligned fraction %.4f", split, len(labels), float(np.mean(attributes == labels)))
+        log.info(
+            "%s: %d images, aligned fraction %.4f", split, len(labels), float(np.mean(attributes == labels))
+        )
     mean, std = channel_stats(splits["train"]["images"])
     splits["train"]["mean"] = mean
     splits["train"]["std"] = std

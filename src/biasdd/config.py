@@ -8,6 +8,8 @@ A wrong key or type fails loudly, naming the key and what is valid, before any l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import types
 import typing
@@ -85,7 +87,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             return all(_type_ok(v, args[0]) for v in value)
         if origin is tuple and args:
-            return len(args) == len(value) and all(_type_ok(v, a) for v, a in zip(value, args))
+            return len(args) == len(value) and all(_type_ok(v, a) for v, a in zip(value, args, strict=True))
         return all(_type_ok(v, args[0]) for v in value) if args else True
     if origin is dict:
         return isinstance(value, Mapping)
@@ -126,9 +128,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     missing = [
         n
         for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
         raise KeyError(f"{where}: missing key(s) {missing}")
@@ -152,3 +152,25 @@ def pick(params: Mapping[str, Any], keys: tuple[str, ...], where: str = "params"
 def setup_logging(level: int = logging.INFO) -> None:
     """Stage entry points log to stderr with timestamps; library code only calls getLogger."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def derive_seed(seed: int, *names: str | int) -> int:
+    """A sub-seed for (`seed`, names...), e.g. ("distill", "dm", 0); stable across runs and machines."""
+    digest = hashlib.sha256(json.dumps([seed, *names]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when present, else cpu; `cpu`, `cuda` and `cuda:N` as given (checked)."""
+    import torch
+
+    if not isinstance(name, str) or not (name in DEVICES or name.startswith("cuda:")):
+        raise ValueError(f"device: {name!r} is not valid; choose one of {list(DEVICES)} or 'cuda:N'")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
+    return name

@@ -55,6 +55,14 @@ def code_version() -> str:
     return f"{biasdd.__version__}+src.{digest.hexdigest()[:12]}"
 
 
+def md5_file(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _encode_attr(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
         return value

@@ -65,7 +65,9 @@ class DownloadConfig:
         for name in ("limit_train", "limit_test"):
             value = getattr(self, name)
             if value is not None and value < 10:
-                raise ValueError(f"download.{name}: {value!r} is not valid; expected null or an integer >= 10")
+                raise ValueError(
+                    f"download.{name}: {value!r} is not valid; expected null or an integer >= 10"
+                )
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> DownloadConfig:
@@ -274,12 +276,16 @@ def load_base(
             arrays = load_mnist_dir(folder) if base == "mnist" else load_cifar(folder)
             source = "torchvision-download"
     if arrays is None:
-        raise SourceError(f"no source for {base}: tried {'; '.join(tried)}. To fix it, {how_to_provide(base)}")
+        raise SourceError(
+            f"no source for {base}: tried {'; '.join(tried)}. To fix it, {how_to_provide(base)}"
+        )
     log.info("%s loaded from %s", base, source)
     return BaseDataset(base, *arrays, source=source)
 
 
-def base_groups(base: BaseDataset, cfg: DownloadConfig) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+def base_groups(
+    base: BaseDataset, cfg: DownloadConfig
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """The HDF5 layout of a base dataset (optionally cut to the first n images) and its attributes."""
     limit_train = cfg.limit_train or len(base.train_labels)
     limit_test = cfg.limit_test or len(base.test_labels)

@@ -1,0 +1,213 @@
+"""The study's figures as PNGs, and the CSV series `dvc plots` compares (the only matplotlib importer).
+
+- Figure 1: a sample grid of the biased training set, one column per class: a bias-conflicting row on
+  top, bias-aligned rows under it.
+- Figures 2-3: the synthetic images of each method, one row per class.
+- Accuracy per method against the full set, mean +- std over repeats, on both test splits.
+Everything renders offline (Agg backend, no web fonts or CDNs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SPLITS = ("test_conflicting", "test_uniform")
+SPLIT_TITLES = {
+    "test_conflicting": "unbiased test (rho = 0, study)",
+    "test_uniform": "uniform test (rho = 0.1)",
+}
+
+
+def _to_hwc(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, H, W, C) float in [0, 1]; a single channel stays grey."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    return np.clip(images.transpose(0, 2, 3, 1), 0.0, 1.0)
+
+
+def _show_grid(ax_grid: np.ndarray, cells: list[list[np.ndarray | None]]) -> None:
+    for r, row in enumerate(cells):
+        for c, image in enumerate(row):
+            ax = ax_grid[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if image is not None:
+                ax.imshow(
+                    image if image.shape[-1] == 3 else image[..., 0],
+                    cmap=None if image.shape[-1] == 3 else "gray",
+                )
+
+
+def sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    aligned: np.ndarray,
+    rows_aligned: int,
+    path: Path,
+    title: str,
+    num_classes: int = 10,
+) -> None:
+    """Figure 1: per class (column) the first bias-conflicting sample, then the first aligned ones."""
+    hwc = _to_hwc(images)
+    cells: list[list[np.ndarray | None]] = [[None] * num_classes for _ in range(1 + rows_aligned)]
+    for c in range(num_classes):
+        conflicting = np.flatnonzero((labels == c) & ~aligned)
+        if len(conflicting):
+            cells[0][c] = hwc[conflicting[0]]
+        for r, index in enumerate(np.flatnonzero((labels == c) & aligned)[:rows_aligned]):
+            cells[1 + r][c] = hwc[index]
+    fig, axes = plt.subplots(
+        1 + rows_aligned, num_classes, figsize=(num_classes * 0.9, (1 + rows_aligned) * 0.95), squeeze=False
+    )
+    _show_grid(axes, cells)
+    axes[0, 0].set_ylabel("conflicting", fontsize=7)
+    for r in range(rows_aligned):
+        axes[1 + r, 0].set_ylabel("aligned", fontsize=7)
+    for c in range(num_classes):
+        axes[0, c].set_title(str(c), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def denormalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Normalised (N, C, H, W) -> [0, 1] pixels (clipped)."""
+    mean = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
+    std = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
+    return np.clip(images * std + mean, 0.0, 1.0)
+
+
+def synthetic_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    per_class: int,
+    path: Path,
+    title: str,
+    num_classes: int = 10,
+) -> None:
+    """Figures 2-3: one row per class, its first `per_class` synthetic images."""
+    hwc = _to_hwc(denormalise(images, mean, std))
+    counts = [int(np.sum(labels == c)) for c in range(num_classes)]
+    columns = max(1, min(per_class, max(counts)))
+    cells: list[list[np.ndarray | None]] = []
+    for c in range(num_classes):
+        index = np.flatnonzero(labels == c)[:columns]
+        cells.append([hwc[i] for i in index] + [None] * (columns - len(index)))
+    fig, axes = plt.subplots(
+        num_classes, columns, figsize=(columns * 0.8 + 0.4, num_classes * 0.8 + 0.4), squeeze=False
+    )
+    _show_grid(axes, cells)
+    for c in range(num_classes):
+        axes[c, 0].set_ylabel(str(c), fontsize=7, rotation=0, labelpad=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def accuracy_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (name, split): the series behind the accuracy figure and `dvc plots`."""
+    rows = []
+    for name, m in metrics.items():
+        for split in SPLITS:
+            s = m[split]
+            rows.append(
+                {
+                    "name": name,
+                    "split": split,
+                    "accuracy": _pct(s["accuracy"]["mean"]),
+                    "accuracy_std": _pct(s["accuracy"]["std"]),
+                    "aligned_accuracy": _pct(s["aligned_accuracy"]["mean"]),
+                    "conflicting_accuracy": _pct(s["conflicting_accuracy"]["mean"]),
+                    "worst_group_accuracy": _pct(s["worst_group_accuracy"]["mean"]),
+                    "n_repeats": m.get("n_repeats"),
+                    "budget": m.get("budget"),
+                }
+            )
+    return rows
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100.0 * value, 4)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    keys = list(rows[0])
+    lines = [",".join(keys)]
+    lines += [",".join("" if r[k] is None else str(r[k]) for k in keys) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def accuracy_figure(metrics: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    """Bars per method (mean +- std over repeats) with the full set's mean as a band, both test splits."""
+    names = [n for n in metrics if n != "full"]
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4.2 * len(SPLITS), 3.4), squeeze=False)
+    for ax, split in zip(axes[0], SPLITS, strict=True):
+        means = [100 * metrics[n][split]["accuracy"]["mean"] for n in names]
+        stds = [100 * metrics[n][split]["accuracy"]["std"] for n in names]
+        conflicting = [metrics[n][split]["conflicting_accuracy"]["mean"] for n in names]
+        positions = np.arange(len(names))
+        ax.bar(positions, means, yerr=stds, capsize=4, color="tab:blue", label="accuracy")
+        if any(v is not None for v in conflicting):
+            ax.scatter(
+                positions,
+                [math.nan if v is None else 100 * v for v in conflicting],
+                color="tab:red",
+                marker="_",
+                s=300,
+                label="conflicting",
+                zorder=3,
+            )
+        if "full" in metrics:
+            full = metrics["full"][split]["accuracy"]
+            low, high = 100 * (full["mean"] - full["std"]), 100 * (full["mean"] + full["std"])
+            ax.axhspan(low, high, color="tab:gray", alpha=0.3)
+            ax.axhline(100 * full["mean"], color="black", linestyle="--", label="full set")
+        ax.set_xticks(positions, [n.upper() for n in names])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(SPLIT_TITLES[split], fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def loss_figure(curves: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.4 * max(1, len(curves)), 2.8), squeeze=False)
+    for ax, (name, losses) in zip(axes[0], curves.items(), strict=False):
+        ax.plot(np.arange(len(losses)), losses)
+        ax.set_title(name.upper(), fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        if len(losses) and np.all(np.asarray(losses) > 0):
+            ax.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    from biasdd.io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": None})
+    plt.close(fig)

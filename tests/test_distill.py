@@ -1,0 +1,288 @@
+"""DC, DSA, DM on a tiny planted dataset: loss falls, determinism, resume, batched maths vs loops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biasdd.augment import DSAConfig
+from biasdd.config import from_dict
+from biasdd.distill import CONFIGS, METHODS, DistillResult, common, dc, dm
+from biasdd.nets import build_network
+
+NUM_CLASSES, CHANNELS, SIZE, PER_CLASS, WIDTH = 3, 3, 16, 12, 8
+
+# Tiny settings per method; loss-fall runs override iterations and lr_img.
+TINY = {
+    "dc": dict(
+        ipc=2,
+        iterations=3,
+        outer_loop=2,
+        inner_loop=1,
+        lr_img=0.1,
+        momentum_img=0.5,
+        lr_net=0.01,
+        batch_real=8,
+        batch_train=4,
+        init="noise",
+    ),
+    "dsa": dict(
+        ipc=2,
+        iterations=3,
+        outer_loop=2,
+        inner_loop=1,
+        lr_img=0.1,
+        momentum_img=0.5,
+        lr_net=0.01,
+        batch_real=8,
+        batch_train=4,
+        init="real",
+    ),
+    "dm": dict(ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real"),
+}
+# (iterations, lr_img, window) where the loss falls clearly from noise init with seed 0.
+LOSS_FALL = {"dc": (20, 3.0, 5), "dsa": (20, 3.0, 5), "dm": (60, 10.0, 10)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threading only adds overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes, each a distinct colour plus noise (a planted, learnable signal)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
+    colours = torch.randn(NUM_CLASSES, CHANNELS, 1, 1, generator=generator) * 1.5
+    images = colours[labels] + 0.5 * torch.randn(len(labels), CHANNELS, SIZE, SIZE, generator=generator)
+    order = torch.randperm(len(labels), generator=generator)  # real sets are not sorted by class
+    return images[order], labels[order]
+
+
+DSA = DSAConfig(
+    strategy="color_crop_cutout_flip_scale_rotate",
+    ratio_crop_pad=0.125,
+    ratio_cutout=0.5,
+    ratio_scale=1.2,
+    ratio_rotate=15.0,
+    brightness=1.0,
+    saturation=2.0,
+    contrast=0.5,
+)
+
+
+def net_factory(generator: torch.Generator) -> torch.nn.Module:
+    return build_network("convnet3", CHANNELS, NUM_CLASSES, SIZE, width=WIDTH, generator=generator)
+
+
+def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
+    images, labels = planted
+    extra = {k: overrides.pop(k) for k in ("resume", "on_checkpoint", "checkpoint_every") if k in overrides}
+    cfg = CONFIGS[method](**{**TINY[method], **overrides})
+    generator = torch.Generator().manual_seed(seed)
+    return METHODS[method](
+        images, labels, NUM_CLASSES, cfg, net_factory, generator, dsa=DSA, progress=False, **extra
+    )
+
+
+def test_registry_and_configs_agree():
+    assert set(METHODS) == set(CONFIGS) == {"dc", "dsa", "dm"}
+    for key, cls in CONFIGS.items():
+        assert dataclasses.is_dataclass(cls)
+        assert {f.name for f in dataclasses.fields(cls)} == set(TINY[key])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_loss_falls(method, planted):
+    iterations, lr_img, window = LOSS_FALL[method]
+    losses = run(method, planted, iterations=iterations, lr_img=lr_img, init="noise").losses
+    assert len(losses) == iterations
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    assert last < 0.95 * first, (first, last)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_shapes_labels_determinism(method, planted):
+    result = run(method, planted)
+    ipc = TINY[method]["ipc"]
+    assert result.images.shape == (NUM_CLASSES * ipc, CHANNELS, SIZE, SIZE)
+    assert result.images.dtype == torch.float32 and result.images.device.type == "cpu"
+    assert torch.equal(result.labels, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert len(result.losses) == TINY[method]["iterations"]
+    assert all(isinstance(v, float) for v in result.losses)
+    again = run(method, planted)
+    assert torch.equal(result.images, again.images) and result.losses == again.losses
+    other = run(method, planted, seed=1)
+    assert not torch.equal(result.images, other.images)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_is_bit_identical(method, planted):
+    full_states: list[dict] = []
+    full = run(method, planted, iterations=5, on_checkpoint=full_states.append, checkpoint_every=1)
+    assert [s["iteration"] for s in full_states] == [1, 2, 3, 4, 5]
+
+    states: list[dict] = []
+
+    def interrupt_after_second(state: dict) -> None:
+        states.append(state)
+        if len(states) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(method, planted, iterations=5, on_checkpoint=interrupt_after_second, checkpoint_every=1)
+    assert states[-1]["iteration"] == 2 and len(states[-1]["losses"]) == 2
+    assert torch.equal(states[-1]["images"], full_states[1]["images"])
+    # Resume with a differently seeded generator: the checkpoint's generator state must take over.
+    resumed = run(method, planted, seed=99, iterations=5, resume=states[-1])
+    assert torch.equal(resumed.images, full.images)
+    assert resumed.losses == full.losses
+
+
+def test_checkpoint_every_two(planted):
+    states: list[dict] = []
+    run("dm", planted, iterations=5, on_checkpoint=states.append, checkpoint_every=2)
+    assert [s["iteration"] for s in states] == [2, 4]
+    assert set(states[0]) == {"iteration", "images", "optimizer", "generator", "losses"}
+
+
+def test_dsa_method_needs_dsa_config(planted):
+    images, labels = planted
+    cfg = CONFIGS["dsa"](**TINY["dsa"])
+    with pytest.raises(ValueError, match="DSAConfig"):
+        METHODS["dsa"](images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator(), progress=False)
+
+
+# --- batched maths against plain per-class loops (float64) -------------------------------------------
+
+
+def loop_gradient_distance(net, real, syn) -> torch.Tensor:
+    """The reference: per class, autograd.grad on real (detached) and syn (create_graph), distance_wb."""
+    params = list(net.parameters())
+    total = torch.zeros((), dtype=torch.float64)
+    for c in range(real.shape[0]):
+        target = torch.full((real.shape[1],), c)
+        g_real = torch.autograd.grad(F.cross_entropy(net(real[c]), target), params)
+        g_real = [g.detach() for g in g_real]
+        target = torch.full((syn.shape[1],), c)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(syn[c]), target), params, create_graph=True)
+        for gr, gs in zip(g_real, g_syn, strict=True):
+            if gr.ndim == 1:
+                continue  # biases and norm parameters are ignored
+            gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+            total = total + torch.sum(1 - (gr * gs).sum(-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6))
+    return total
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def tiny_float64(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    net = net_factory(generator).double()
+    real = torch.randn(NUM_CLASSES, 6, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    syn = torch.randn(NUM_CLASSES, 2, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    return net, real, syn
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "fallback-loop"])
+def test_matching_loss_and_image_gradient_equal_loop(batched):
+    net, real, syn = tiny_float64()
+    syn_a = syn.clone().requires_grad_(True)
+    class_gradients = dc.ClassGradients(batched)
+    loss = dc.matching_loss(net, real, syn_a, class_gradients)
+    loss.backward()
+    assert class_gradients.batched == batched  # the batched path did not fall back
+    assert all(p.grad is None for p in net.parameters())  # matching leaves the net's grads alone
+    syn_b = syn.clone().requires_grad_(True)
+    expected = loop_gradient_distance(net, real, syn_b)
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) / abs(float(expected.detach())) < 1e-6
+    assert relative_error(syn_a.grad, syn_b.grad) < 1e-6
+
+
+def test_dm_loss_and_image_gradient_equal_loop():
+    net, real, syn = tiny_float64(1)
+    net.requires_grad_(False)
+    syn_a = syn.clone().requires_grad_(True)
+    loss = dm.embedding_loss(net, real, syn_a)
+    loss.backward()
+    syn_b = syn.clone().requires_grad_(True)
+    expected = torch.zeros((), dtype=torch.float64)
+    for c in range(NUM_CLASSES):
+        real_mean = net.embed(real[c]).detach().mean(0)
+        expected = expected + ((real_mean - net.embed(syn_b[c]).mean(0)) ** 2).sum()
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) / float(expected.detach()) < 1e-6
+    assert relative_error(syn_a.grad, syn_b.grad) < 1e-6
+
+
+def test_gradient_distance_ignores_vectors_and_counts_rows():
+    weight = torch.randn(4, 3, 3, 3)
+    bias = torch.randn(4)
+    # identical gradients: 0; opposite: 2 per row (4 rows); biases never count
+    assert float(common.gradient_distance([weight, bias], [weight, -bias])) == pytest.approx(0, abs=1e-6)
+    assert float(common.gradient_distance([weight, bias], [-weight, bias])) == pytest.approx(8, rel=1e-5)
+
+
+# --- sampling and init ------------------------------------------------------------------------------
+
+
+def test_class_sampler_without_then_with_replacement():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1, 2, 0])  # counts 5, 3, 2
+    sampler = common.ClassSampler(labels, 3)
+    generator = torch.Generator().manual_seed(0)
+    picks = sampler.sample(3, generator).view(3, 3)
+    for c in range(3):
+        assert (labels[picks[c]] == c).all()
+    assert len(set(picks[0].tolist())) == 3 and len(set(picks[1].tolist())) == 3  # no repeats
+    assert set(picks[2].tolist()) <= {3, 8}  # class 2 has only 2 images: drawn with replacement
+    many = sampler.sample(4, generator).view(3, 4)
+    assert len(set(many[0].tolist())) == 4
+    with pytest.raises(ValueError, match="no real images"):
+        common.ClassSampler(torch.tensor([0, 0, 2]), 3)
+
+
+def test_reinitialise_draws_default_init_range():
+    net = net_factory(torch.Generator().manual_seed(0))
+    assert common.can_reinitialise(net)
+    before = [p.clone() for p in net.parameters()]
+    common.reinitialise_(net, torch.Generator().manual_seed(1))
+    conv = net.features[0]
+    bound = 1 / (conv.weight[0].numel() ** 0.5)
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.8 * bound
+    assert not torch.equal(before[0], conv.weight)
+    assert torch.equal(net.features[1].weight, torch.ones_like(net.features[1].weight))
+
+
+# --- config validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_config_validation(method):
+    cls = CONFIGS[method]
+    assert from_dict(cls, TINY[method], f"distill.{method}") == cls(**TINY[method])
+    with pytest.raises(ValueError, match=rf"distill\.{method}\.ipc"):
+        cls(**{**TINY[method], "ipc": 0})
+    with pytest.raises(ValueError, match="momentum_img"):
+        cls(**{**TINY[method], "momentum_img": 1.0})
+    with pytest.raises(ValueError, match=r"\['noise', 'real'\]"):
+        from_dict(cls, {**TINY[method], "init": "zeros"}, f"distill.{method}")
+    with pytest.raises(ValueError, match=r"\['noise', 'real'\]"):
+        cls(**{**TINY[method], "init": "zeros"})
+    with pytest.raises(KeyError, match="unknown"):
+        from_dict(cls, {**TINY[method], "outer_loops": 3}, f"distill.{method}")
+    with pytest.raises(ValueError, match="iterations"):
+        from_dict(cls, {**TINY[method], "iterations": 2.5}, f"distill.{method}")
