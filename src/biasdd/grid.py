@@ -1,0 +1,204 @@
+"""Queue the study's grid as DVC experiments, and start, watch or wait for the queue.
+
+    biasdd-grid queue [--datasets cmnist ccifar10] [--ratios 0 0.1 0.5 0.8 0.95 1]
+                      [--severity-sweep] [--budget quick] [--dry-run] [--start -j N]
+    biasdd-grid wait                     # block until the queue has no queued or running experiment
+    dvc queue start -j N                 # what `--start -j N` runs: N experiments at a time
+    dvc queue status                     # queued / running / success / failed
+    biasdd-report                        # Table 1, Table 2 and curves (biasdd.report)
+
+Cost: queueing is ~1 s per experiment; each experiment is a whole `dvc repro` in its own temporary
+copy of the repository (quick budget on CPU: about 10 min for CMNIST; `paper` needs a GPU for hours).
+
+The grid (the study's layout):
+- Table 1: every dataset x bias ratio at severity 4, the whole pipeline (DC, DSA, DM, the full set).
+- Table 2 (`--severity-sweep`): DM only, at bias ratios 0 and 1 and severities 1-3 (severity 4 comes
+  from Table 1's cells when its ratios include 0 and 1, else it is queued too). These experiments target
+  `evaluate@dm`, so only `download`, `bias_inject`, `distill@dm` and `evaluate@dm` run; the other
+  metrics files in such an experiment still describe the baseline's run and say so in their own
+  `bias_ratio`/`severity` keys, which is what `biasdd-report` reads.
+Each experiment gets a readable name, e.g. `cmnist-rho0.95-sev4-quick` or `cmnist-dm-rho0-sev2-quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("cmnist", "ccifar10")
+BIAS_RATIOS = (0.0, 0.1, 0.5, 0.8, 0.95, 1.0)
+TABLE1_SEVERITY = 4
+SWEEP_RATIOS = (0.0, 1.0)
+SEVERITIES = (1, 2, 3, 4)
+BUDGETS = ("quick", "paper")
+SWEEP_TARGET = "evaluate@dm"
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """One experiment to queue."""
+
+    dataset: str
+    bias_ratio: float
+    severity: int
+    budget: str
+    target: str | None = None  # None = the whole pipeline
+
+    @property
+    def name(self) -> str:
+        method = "-dm" if self.target == SWEEP_TARGET else ""
+        return f"{self.dataset}{method}-rho{self.bias_ratio:g}-sev{self.severity}-{self.budget}"
+
+    def command(self) -> list[str]:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", self.name]
+        for key, value in (
+            ("dataset", self.dataset),
+            ("bias_ratio", f"{self.bias_ratio:g}"),
+            ("severity", str(self.severity)),
+            ("budget", self.budget),
+        ):
+            cmd += ["-S", f"{key}={value}"]
+        return cmd + ([self.target] if self.target else [])
+
+
+def grid_cells(
+    datasets: Sequence[str] = DATASETS,
+    ratios: Sequence[float] = BIAS_RATIOS,
+    severity_sweep: bool = False,
+    budget: str = "quick",
+) -> list[GridCell]:
+    """Table 1's cells, then (with `severity_sweep`) Table 2's DM-only cells not already covered."""
+    for dataset in datasets:
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset {dataset!r}: valid are {', '.join(DATASETS)}")
+    for ratio in ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"bias ratio {ratio}: valid are values in [0, 1]")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget {budget!r}: valid are {', '.join(BUDGETS)}")
+    cells = [GridCell(d, float(r), TABLE1_SEVERITY, budget) for d in datasets for r in ratios]
+    if severity_sweep:
+        for dataset in datasets:
+            for ratio in SWEEP_RATIOS:
+                for severity in SEVERITIES:
+                    if severity == TABLE1_SEVERITY and ratio in ratios:
+                        continue  # Table 1's full-pipeline experiment already gives this DM cell
+                    cells.append(GridCell(dataset, ratio, severity, budget, target=SWEEP_TARGET))
+    return cells
+
+
+def _run(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+
+
+def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
+    """Queue each cell with `dvc exp run --queue`; returns the number that failed to queue."""
+    failed = 0
+    for cell in cells:
+        cmd = cell.command()
+        if dry_run:
+            print(shlex.join(cmd))  # the CLI's dry-run output is the commands themselves
+            continue
+        result = _run(cmd, repo)
+        if result.returncode != 0:
+            failed += 1
+            log.error("could not queue %s:\n%s", cell.name, (result.stderr or result.stdout).strip())
+        else:
+            log.info("queued %s", cell.name)
+    return failed
+
+
+def queue_counts(repo: Path) -> dict[str, int]:
+    """Experiments per queue state (Queued, Running, Success, Failed, ...) from `dvc queue status`."""
+    result = _run(["dvc", "queue", "status"], repo)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc queue status failed:\n{result.stderr}")
+    counts: dict[str, int] = {}
+    for line in result.stdout.splitlines()[1:]:  # header: Task Name Created Status
+        words = line.split()
+        if not words or line.startswith("Worker status"):
+            break
+        for state in ("Queued", "Running", "Success", "Failed"):
+            if state in words:
+                counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def wait(repo: Path, poll_s: float = 10.0, timeout_s: float | None = None) -> dict[str, int]:
+    """Block until nothing is queued or running; returns the final counts."""
+    start = time.monotonic()
+    while True:
+        counts = queue_counts(repo)
+        if not counts.get("Queued") and not counts.get("Running"):
+            return counts
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"queue still busy after {timeout_s:.0f} s: {json.dumps(counts)}")
+        log.info("queue: %s", counts)
+        time.sleep(poll_s)
+
+
+def _next_steps(jobs: int) -> str:
+    return (
+        "next:\n"
+        f"  dvc queue start -j {jobs}    # run {jobs} experiment(s) at a time\n"
+        "  dvc queue status            # queued / running / success / failed\n"
+        "  dvc queue logs <name>       # one experiment's output\n"
+        "  biasdd-report               # Table 1, Table 2, curves -> reports/<budget>/"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="biasdd-grid", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="queue the grid as DVC experiments")
+    q.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    q.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
+    q.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
+    q.add_argument("--budget", default="quick", choices=BUDGETS)
+    q.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
+    q.add_argument("--start", action="store_true", help="then run `dvc queue start -j N`")
+    q.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments for --start (default 1)")
+    w = sub.add_parser("wait", help="wait until no experiment is queued or running")
+    w.add_argument("--poll", type=float, default=10.0, help="seconds between `dvc queue status` calls")
+    w.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    for p in (q, w):
+        p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.command == "wait":
+        counts = wait(args.repo, poll_s=args.poll, timeout_s=args.timeout)
+        print(json.dumps(counts))
+        return 1 if counts.get("Failed") else 0
+
+    cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget)
+    failed = queue(cells, args.repo, dry_run=args.dry_run)
+    start = ["dvc", "queue", "start", "-j", str(args.jobs)]
+    if args.dry_run:
+        if args.start:
+            print(shlex.join(start))
+        return 0
+    log.info("queued %d of %d experiments", len(cells) - failed, len(cells))
+    if args.start:
+        result = _run(start, args.repo)
+        if result.returncode != 0:
+            log.error("%s failed:\n%s", shlex.join(start), result.stderr)
+            return 1
+        log.info("%s", result.stdout.strip())
+        print("started; watch with `dvc queue status`, then `biasdd-report`")
+    else:
+        print(_next_steps(args.jobs))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

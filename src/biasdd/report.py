@@ -1,0 +1,423 @@
+"""The study's tables and curves from DVC experiments: Table 1, Table 2 and accuracy-vs-bias-ratio curves.
+
+    biasdd-report [--out reports] [--repo .] [--all-commits]    # or: python -m biasdd.report
+    # ~2 s for a handful of experiments: one `dvc exp show --json`, then pure Python and matplotlib
+
+Every row of `dvc exp show --json` (the workspace, the baseline commit and each experiment; queued,
+running or failed ones have no metrics yet and are skipped) contributes the metrics files
+`metrics/<name>.json` (name = full, dc, dsa, dm) it holds. A cell of the study's grid is keyed by
+(budget, dataset, bias ratio, severity, method), read from the metrics file itself (it records the run
+that produced it; `params.yaml` is the fallback). When two rows fill the same cell the newest wins (the
+workspace counts as newest) and a log line says so.
+
+Outputs, one folder per budget found, `<out>/<budget>/`:
+
+- `table1_<split>.md` / `.csv`: rows DC, DSA, DM, Full set; columns dataset x bias ratio
+  (0, 0.1, 0.5, 0.8, 0.95, 1.0) at severity 4; cells top-1 accuracy in %, mean +- std over the repeats.
+  `split` is `test_conflicting` (rho = 0: the study's number) or `test_uniform` (rho = 0.1).
+- `table2_<split>.md` / `.csv`: DM at bias ratios 0 and 1.0 (rows, per dataset) x severities 1-4.
+- `curves_<dataset>.png`: accuracy vs bias ratio per method with error bars (std), the full set too,
+  at severity 4, one panel per test split.
+- `cells.csv`: every cell found, long form, with the experiment it came from.
+
+Missing cells stay blank: a partial grid gives partial tables. Each table's title states its budget.
+Deviation from STYLE ("only the plotting module imports matplotlib"): the curves live here, next to
+the tables they mirror; `biasdd.plots` is reused for the backend set-up and the atomic PNG writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import json
+import logging
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dc", "dsa", "dm")
+ROW_NAMES = {"dc": "DC", "dsa": "DSA", "dm": "DM", "full": "Full set"}
+DATASETS = ("cmnist", "ccifar10")
+DATASET_NAMES = {"cmnist": "CMNIST-DD", "ccifar10": "CCIFAR10-DD"}
+BIAS_RATIOS = (0.0, 0.1, 0.5, 0.8, 0.95, 1.0)  # the study's Table 1 grid
+TABLE1_SEVERITY = 4
+TABLE2_RATIOS = (0.0, 1.0)
+SEVERITIES = (1, 2, 3, 4)
+SPLITS = ("test_conflicting", "test_uniform")
+SPLIT_TITLES = {
+    "test_conflicting": "unbiased test set (rho = 0, the study's number)",
+    "test_uniform": "uniform test set (rho = 0.1)",
+}
+BUDGET_NOTES = {
+    "quick": "REDUCED budget, not the study's numbers",
+    "paper": "the study's budget (PROTOCOL)",
+}
+METRICS_PREFIX = "metrics/"
+WORKSPACE = "workspace"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method's accuracy on one split for one grid point, and where it came from."""
+
+    budget: str
+    dataset: str
+    bias_ratio: float
+    severity: int
+    method: str  # full, dc, dsa, dm
+    split: str
+    mean: float  # fraction in [0, 1]
+    std: float
+    n_repeats: int | None
+    source: str  # experiment name or rev
+    timestamp: datetime | None  # None = the workspace, counted as newest
+
+    @property
+    def key(self) -> tuple[str, str, float, int, str, str]:
+        return (self.budget, self.dataset, self.bias_ratio, self.severity, self.method, self.split)
+
+
+# --- reading `dvc exp show --json` -----------------------------------------------------------------
+
+
+def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
+    """Run `dvc exp show --json` in `repo` (the workspace, HEAD and its experiments)."""
+    cmd = ["dvc", "exp", "show", "--json"]
+    if all_commits:
+        cmd.append("--all-commits")
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def iter_rows(exp_show: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """Every row with data: baselines (workspace, commits) and, nested under them, their experiments.
+
+    DVC 3 nests experiments as `experiments: [{"revs": [row, ...], "executor": ..., "name": ...}]`; the
+    executor is null for a finished experiment, else its state: queued, running (its metrics files may
+    still be the baseline's) or failed. Only finished experiments count.
+    """
+    for row in exp_show:
+        yield row
+        for exp_range in row.get("experiments") or []:
+            state = (exp_range.get("executor") or {}).get("state", "success")
+            if state != "success":
+                log.info("experiment %s is %s: not reported", exp_range.get("name"), state)
+                continue
+            yield from iter_rows(exp_range.get("revs") or [])
+
+
+def _file_data(results: Mapping[str, Any] | None, path: str) -> Mapping[str, Any] | None:
+    entry = (results or {}).get(path) or {}
+    return entry.get("data")
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
+    """The cells one row fills; empty when it has no metrics (queued, running, failed)."""
+    data = row.get("data") or {}
+    metrics = data.get("metrics") or {}
+    params = _file_data(data.get("params"), "params.yaml") or {}
+    source = row.get("name") or row.get("rev") or "?"
+    if source != WORKSPACE and row.get("rev") and row.get("name"):
+        source = f"{row['name']} ({row['rev'][:7]})"
+    timestamp = _timestamp(data.get("timestamp"))
+    cells = []
+    for path in sorted(metrics):
+        name = Path(path).stem
+        if not path.startswith(METRICS_PREFIX) or name not in ROW_NAMES:
+            continue  # e.g. metrics/distill/*.csv, other metrics files
+        values = _file_data(metrics, path)
+        if not values:
+            continue
+        point = {
+            key: values.get(key, params.get(key)) for key in ("budget", "dataset", "bias_ratio", "severity")
+        }
+        for key in ("dataset", "bias_ratio", "severity"):
+            if key in params and key in values and params[key] != values[key]:
+                log.warning(
+                    "%s: %s says %s=%s but params.yaml says %s (not reproduced yet?); using the metrics",
+                    source,
+                    path,
+                    key,
+                    values[key],
+                    params[key],
+                )
+        if any(point[k] is None for k in point):
+            log.warning("%s: %s lacks %s; skipped", source, path, [k for k in point if point[k] is None])
+            continue
+        for split in SPLITS:
+            accuracy = (values.get(split) or {}).get("accuracy") or {}
+            mean, std = _num(accuracy.get("mean")), _num(accuracy.get("std"))
+            if mean is None:
+                continue
+            cells.append(
+                Cell(
+                    budget=str(point["budget"]),
+                    dataset=str(point["dataset"]),
+                    bias_ratio=float(point["bias_ratio"]),
+                    severity=int(point["severity"]),
+                    method=name,
+                    split=split,
+                    mean=mean,
+                    std=0.0 if std is None else std,
+                    n_repeats=values.get("n_repeats"),
+                    source=source,
+                    timestamp=timestamp,
+                )
+            )
+    return cells
+
+
+def _newer(a: Cell, b: Cell) -> bool:
+    """Is `a` newer than `b`? The workspace (no timestamp) is the newest of all."""
+    if a.timestamp is None or b.timestamp is None:
+        return a.timestamp is None and b.timestamp is not None
+    return a.timestamp > b.timestamp
+
+
+def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
+    """One cell per (budget, dataset, bias ratio, severity, method, split): the newest row wins."""
+    cells: dict[tuple, Cell] = {}
+    for row in iter_rows(exp_show):
+        for cell in cells_from_row(row):
+            old = cells.get(cell.key)
+            if old is None:
+                cells[cell.key] = cell
+                continue
+            winner, loser = (cell, old) if _newer(cell, old) else (old, cell)
+            cells[cell.key] = winner
+            same = (winner.mean, winner.std) == (loser.mean, loser.std)
+            (log.debug if same else log.info)(
+                "cell %s filled by %s and %s%s; taking the newest, %s",
+                "/".join(str(k) for k in cell.key),
+                winner.source,
+                loser.source,
+                " (same values)" if same else "",
+                winner.source,
+            )
+    return cells
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def _fmt_cell(cell: Cell | None, plus_minus: str) -> str:
+    if cell is None:
+        return ""
+    return f"{100 * cell.mean:.2f} {plus_minus} {100 * cell.std:.2f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled grid: row labels x column labels -> cell (None = blank)."""
+
+    name: str  # file stem, e.g. table1_test_conflicting
+    title: str
+    corner: str  # the label of the row-label column
+    columns: list[str]
+    rows: list[tuple[str, list[Cell | None]]]
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}**", "", f"| {self.corner} | " + " | ".join(self.columns) + " |"]
+        lines.append("|---" * (len(self.columns) + 1) + "|")
+        for label, cells in self.rows:
+            lines.append(f"| {label} | " + " | ".join(_fmt_cell(c, "±") for c in cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buffer = _io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([self.corner, *self.columns])
+        for label, cells in self.rows:
+            writer.writerow([label, *(_fmt_cell(c, "+-") for c in cells)])
+        return buffer.getvalue()
+
+
+def _budget_title(budget: str) -> str:
+    note = BUDGET_NOTES.get(budget)
+    return f"budget: {budget}" + (f" ({note})" if note else "")
+
+
+def _ratios(cells: Mapping[tuple, Cell], budget: str, dataset: str) -> list[float]:
+    """The study's ratios, plus any other ratio an experiment ran (so nothing is silently dropped)."""
+    extra = {c.bias_ratio for c in cells.values() if c.budget == budget and c.dataset == dataset}
+    return sorted(set(BIAS_RATIOS) | extra)
+
+
+def _datasets(cells: Mapping[tuple, Cell], budget: str) -> list[str]:
+    found = {c.dataset for c in cells.values() if c.budget == budget}
+    return [*DATASETS, *sorted(found - set(DATASETS))]
+
+
+def table1(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
+    """Rows = methods and the full set; columns = dataset x bias ratio, at severity 4."""
+    columns, keys = [], []
+    for dataset in _datasets(cells, budget):
+        for ratio in _ratios(cells, budget, dataset):
+            columns.append(f"{DATASET_NAMES.get(dataset, dataset)} rho={_fmt_ratio(ratio)}")
+            keys.append((dataset, ratio))
+    rows = [
+        (
+            ROW_NAMES[method],
+            [cells.get((budget, d, r, TABLE1_SEVERITY, method, split)) for d, r in keys],
+        )
+        for method in (*METHODS, "full")
+    ]
+    title = (
+        f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, mean ± std over repeats; "
+        f"severity {TABLE1_SEVERITY}; {_budget_title(budget)}"
+    )
+    return Table(f"table1_{split}", title, "method", columns, rows)
+
+
+def table2(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
+    """DM at bias ratios 0 and 1 (rows, per dataset) x severities 1-4 (columns)."""
+    rows = [
+        (
+            f"{DATASET_NAMES.get(dataset, dataset)} rho={_fmt_ratio(ratio)}",
+            [cells.get((budget, dataset, ratio, severity, "dm", split)) for severity in SEVERITIES],
+        )
+        for dataset in _datasets(cells, budget)
+        for ratio in TABLE2_RATIOS
+    ]
+    title = (
+        f"Table 2: DM, top-1 accuracy (%) on the {SPLIT_TITLES[split]}, mean ± std over repeats, "
+        f"by bias severity; {_budget_title(budget)}"
+    )
+    return Table(
+        f"table2_{split}", title, "DM: dataset, bias ratio", [f"severity {s}" for s in SEVERITIES], rows
+    )
+
+
+def write_cells_csv(cells: Iterable[Cell], path: Path) -> None:
+    fields = ["budget", "dataset", "bias_ratio", "severity", "method", "split", "mean", "std", "n_repeats"]
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*fields, "source"])
+    for cell in sorted(cells, key=lambda c: c.key):
+        writer.writerow([getattr(cell, f) for f in fields] + [cell.source])
+    _write_text(path, buffer.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    from biasdd.io import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+# --- curves (matplotlib: see the module docstring) ---------------------------------------------------
+
+
+def curves_figure(cells: Mapping[tuple, Cell], budget: str, dataset: str, path: Path) -> None:
+    """Accuracy vs bias ratio per method and the full set, error bars = std, one panel per split."""
+    from biasdd.plots import _save, plt  # the Agg backend is set there
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(4.6 * len(SPLITS), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], SPLITS, strict=True):
+        for method in (*METHODS, "full"):
+            points = sorted(
+                (c.bias_ratio, 100 * c.mean, 100 * c.std)
+                for c in cells.values()
+                if (c.budget, c.dataset, c.severity, c.method, c.split)
+                == (budget, dataset, TABLE1_SEVERITY, method, split)
+            )
+            if not points:
+                continue
+            x, y, err = zip(*points, strict=True)
+            style = {"color": "black", "linestyle": "--"} if method == "full" else {}
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=ROW_NAMES[method], **style)
+        ax.set_xlabel("bias ratio rho (share of bias-aligned training samples)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(0, 100)
+        ax.set_title(SPLIT_TITLES[split], fontsize=9)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{DATASET_NAMES.get(dataset, dataset)}, severity {TABLE1_SEVERITY}; {_budget_title(budget)}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def write_report(exp_show: Sequence[Mapping[str, Any]], out: Path) -> dict[str, list[Path]]:
+    """Write every table and curve for every budget found; returns the files per budget."""
+    cells = collect_cells(exp_show)
+    budgets = sorted({c.budget for c in cells.values()})
+    if not budgets:
+        log.warning("no experiment has metrics yet: nothing to report (run `dvc queue status`)")
+    written: dict[str, list[Path]] = {}
+    for budget in budgets:
+        folder = out / budget
+        files = []
+        for split in SPLITS:
+            for table in (table1(cells, budget, split), table2(cells, budget, split)):
+                for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+                    path = folder / f"{table.name}{suffix}"
+                    _write_text(path, text)
+                    files.append(path)
+        for dataset in sorted({c.dataset for c in cells.values() if c.budget == budget}):
+            path = folder / f"curves_{dataset}.png"
+            curves_figure(cells, budget, dataset, path)
+            files.append(path)
+        budget_cells = [c for c in cells.values() if c.budget == budget]
+        write_cells_csv(budget_cells, folder / "cells.csv")
+        files.append(folder / "cells.csv")
+        log.info("budget %s: %d cells -> %s", budget, len(budget_cells), folder)
+        written[budget] = files
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="biasdd-report", description="Table 1, Table 2 and accuracy curves from the DVC experiments."
+    )
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    parser.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
+    parser.add_argument(
+        "--all-commits", action="store_true", help="also read experiments based on older commits"
+    )
+    parser.add_argument(
+        "--exp-show-json", type=Path, help="read a saved `dvc exp show --json` output instead of running it"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.exp_show_json:
+        exp_show = json.loads(args.exp_show_json.read_text())
+    else:
+        exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
+    written = write_report(exp_show, args.out)
+    for files in written.values():  # the CLI prints its study tables
+        for path in files:
+            if path.name.startswith("table1_test_conflicting") and path.suffix == ".md":
+                print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

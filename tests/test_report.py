@@ -1,0 +1,235 @@
+"""biasdd.report (tables and curves from `dvc exp show --json`) and biasdd.grid (queueing the grid).
+
+The unit tests build `dvc exp show --json` output in the schema of DVC 3.67 (captured once from a tiny
+repository: a workspace row, baseline rows, and under each baseline `experiments: [{"name", "executor",
+"revs": [row]}]`; a queued experiment has an executor state `queued` and no metrics). The slow test
+queues two real tiny experiments, runs the queue and reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from biasdd import grid, report
+
+from .test_pipeline import make_repo, run
+from .tiny import make_tiny
+
+
+def _metrics(name: str, acc: float, std: float, **point) -> dict:
+    point = {"budget": "quick", "dataset": "cmnist", "bias_ratio": 0.95, "severity": 4, **point}
+    split = {"accuracy": {"mean": acc, "std": std, "values": [acc - std, acc + std]}}
+    return {
+        "data": {
+            **point,
+            "name": name,
+            "n_repeats": 2,
+            "test_conflicting": split,
+            "test_uniform": {"accuracy": {"mean": acc + 0.1, "std": std, "values": [acc]}},
+        }
+    }
+
+
+def _row(
+    rev: str, name: str | None, timestamp: str | None, metrics: dict, params: dict | None = None
+) -> dict:
+    params = params or {}
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {
+            "rev": rev,
+            "timestamp": timestamp,
+            "params": {"params.yaml": {"data": params}},
+            "metrics": metrics,
+            "deps": {},
+            "outs": {},
+            "meta": {"has_checkpoints": False},
+        },
+        "error": None,
+        "experiments": None,
+    }
+
+
+def _all(acc: float, **point) -> dict:
+    return {
+        f"metrics/{n}.json": _metrics(n, acc + i / 100, 0.01, **point) for i, n in enumerate(report.ROW_NAMES)
+    }
+
+
+def _exp(row: dict, state: str = "success") -> dict:
+    executor = None if state == "success" else {"state": state, "name": "dvc-task", "local": {}}
+    return {"name": row["name"], "executor": executor, "revs": [row]}
+
+
+def _exp_show(*experiments: dict, workspace: dict | None = None, baseline: dict | None = None) -> list:
+    base = baseline or _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
+    base["experiments"] = [_exp(e, e.pop("_state", "success")) for e in experiments]
+    ws = workspace or _row("workspace", None, None, base["data"]["metrics"])
+    return [ws, base]
+
+
+def _csv(path: Path) -> dict[str, dict[str, str]]:
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    return {r[0]: dict(zip(rows[0][1:], r[1:], strict=True)) for r in rows[1:]}
+
+
+def test_partial_grid_blanks_and_study_layout(tmp_path):
+    exp = _row("b" * 40, "cmnist-rho0.8-sev4-quick", "2026-01-01T11:00:00", _all(0.3, bias_ratio=0.8))
+    queued = _row("c" * 40, "cmnist-rho0-sev4-quick", "2026-01-01T12:00:00", {})
+    queued["_state"] = "queued"
+    running = _row("e" * 40, "cmnist-rho0.1-sev4-quick", "2026-01-01T12:00:00", _all(0.9, bias_ratio=0.1))
+    running["_state"] = "running"  # its metrics may be half the baseline's: not reported yet
+    written = report.write_report(_exp_show(exp, queued, running), tmp_path)
+    assert list(written) == ["quick"]
+    table = _csv(tmp_path / "quick/table1_test_conflicting.csv")
+    assert list(table) == ["DC", "DSA", "DM", "Full set"]
+    columns = list(table["DC"])
+    assert columns[:6] == [f"CMNIST-DD rho={r}" for r in ("0", "0.1", "0.5", "0.8", "0.95", "1")]
+    assert columns[6:] == [f"CCIFAR10-DD rho={r}" for r in ("0", "0.1", "0.5", "0.8", "0.95", "1")]
+    assert (
+        table["DC"]["CMNIST-DD rho=0.8"] == "30.00 +- 1.00"
+    )  # ROW_NAMES order: dc, dsa, dm, full (+0.01 each)
+    assert table["Full set"]["CMNIST-DD rho=0.95"] == "53.00 +- 1.00"
+    assert table["DM"]["CMNIST-DD rho=0.95"] == "52.00 +- 1.00"
+    assert table["DC"]["CMNIST-DD rho=0"] == ""  # queued, no metrics yet: blank
+    assert table["DC"]["CMNIST-DD rho=0.1"] == ""  # running
+    assert all(table[m][c] == "" for m in table for c in columns[6:])
+    uniform = _csv(tmp_path / "quick/table1_test_uniform.csv")
+    assert uniform["DC"]["CMNIST-DD rho=0.8"] == "40.00 +- 1.00"
+    markdown = (tmp_path / "quick/table1_test_conflicting.md").read_text()
+    assert "budget: quick" in markdown.splitlines()[0] and "severity 4" in markdown.splitlines()[0]
+    assert markdown.splitlines()[2].startswith("| method | CMNIST-DD rho=0 |")
+    assert "| DC |  |  |  | 30.00 ± 1.00 | 50.00 ± 1.00 |" in markdown
+    table2 = _csv(tmp_path / "quick/table2_test_conflicting.csv")
+    assert list(table2) == [f"{d} rho={r}" for d in ("CMNIST-DD", "CCIFAR10-DD") for r in ("0", "1")]
+    assert all(v == "" for row in table2.values() for v in row.values())  # no rho 0 / 1 yet
+    png = (tmp_path / "quick/curves_cmnist.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "quick/curves_ccifar10.png").exists()
+
+
+def test_table2_from_dm_only_experiments(tmp_path):
+    """A severity-sweep experiment runs only DM's chain; its other metrics files are the baseline's and
+    say so in their own keys, so they do not leak into the sweep's cells."""
+    sweep = []
+    for i, severity in enumerate((1, 2, 3)):
+        metrics = _all(0.5)  # stale files of the baseline run (rho 0.95, severity 4)
+        metrics["metrics/dm.json"] = _metrics(
+            "dm", 0.2 + severity / 10, 0.02, bias_ratio=1.0, severity=severity
+        )
+        sweep.append(
+            _row(f"{i}" * 40, f"cmnist-dm-rho1-sev{severity}-quick", f"2026-01-02T0{i}:00:00", metrics)
+        )
+    report.write_report(_exp_show(*sweep), tmp_path)
+    table2 = _csv(tmp_path / "quick/table2_test_conflicting.csv")
+    assert table2["CMNIST-DD rho=1"] == {
+        "severity 1": "30.00 +- 2.00",
+        "severity 2": "40.00 +- 2.00",
+        "severity 3": "50.00 +- 2.00",
+        "severity 4": "",
+    }
+    assert table2["CMNIST-DD rho=0"] == dict.fromkeys(table2["CMNIST-DD rho=0"], "")
+    table1 = _csv(tmp_path / "quick/table1_test_conflicting.csv")
+    assert table1["DM"]["CMNIST-DD rho=1"] == ""  # severity != 4 is not Table 1's
+
+
+def test_newest_wins_and_says_so(tmp_path, caplog):
+    old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3, bias_ratio=0.8))
+    new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4, bias_ratio=0.8))
+    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+        cells = report.collect_cells(_exp_show(new, old))
+    cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
+    assert cell.mean == pytest.approx(0.4) and cell.source.startswith("new")
+    lines = [r.getMessage() for r in caplog.records if "taking the newest" in r.getMessage()]
+    assert len(lines) == 8 and all("new (2222222)" in line and "old (1111111)" in line for line in lines)
+
+
+def test_workspace_counts_as_newest():
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
+    workspace = _row("workspace", None, None, _all(0.6))
+    cells = report.collect_cells(_exp_show(workspace=workspace, baseline=base))
+    assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting")].source == "workspace"
+
+
+def test_one_table_per_budget(tmp_path):
+    paper = _row("d" * 40, "cmnist-rho0.95-sev4-paper", "2026-01-03T00:00:00", _all(0.7, budget="paper"))
+    written = report.write_report(_exp_show(paper), tmp_path)
+    assert sorted(written) == ["paper", "quick"]
+    for budget in ("paper", "quick"):
+        for name in ("table1_test_conflicting", "table2_test_conflicting", "table1_test_uniform"):
+            title = (tmp_path / budget / f"{name}.md").read_text().splitlines()[0]
+            assert f"budget: {budget}" in title
+    assert _csv(tmp_path / "paper/table1_test_conflicting.csv")["DC"]["CMNIST-DD rho=0.95"] == "70.00 +- 1.00"
+    assert _csv(tmp_path / "quick/table1_test_conflicting.csv")["DC"]["CMNIST-DD rho=0.95"] == "50.00 +- 1.00"
+    cells = (tmp_path / "paper/cells.csv").read_text().splitlines()
+    assert len(cells) == 1 + 8 and all(",paper," not in c or c.startswith("paper,") for c in cells)
+
+
+def test_no_metrics_anywhere(tmp_path, caplog):
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", {})
+    with caplog.at_level(logging.WARNING):
+        assert report.write_report(_exp_show(baseline=base), tmp_path) == {}
+    assert "nothing to report" in caplog.text
+
+
+def test_cli_reads_saved_json(tmp_path):
+    saved = tmp_path / "show.json"
+    saved.write_text(json.dumps(_exp_show()))
+    out = subprocess.run(
+        [sys.executable, "-m", "biasdd.report", "--exp-show-json", str(saved), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Table 1" in out.stdout and (tmp_path / "r/quick/table1_test_conflicting.md").exists()
+
+
+def test_grid_cells_and_dry_run(capsys):
+    cells = grid.grid_cells(severity_sweep=True)
+    table1 = [c for c in cells if c.target is None]
+    sweep = [c for c in cells if c.target is not None]
+    assert len(table1) == 2 * 6 and {c.severity for c in table1} == {4}
+    # DM at rho 0 and 1, severities 1-3 (severity 4 comes from Table 1's experiments)
+    assert len(sweep) == 2 * 2 * 3 and {c.target for c in sweep} == {"evaluate@dm"}
+    assert len({c.name for c in cells}) == len(cells)
+    assert (
+        grid.main(["queue", "--datasets", "cmnist", "--ratios", "0", "1", "--dry-run", "--start", "-j", "2"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "dvc exp run --queue -n cmnist-rho0-sev4-quick -S dataset=cmnist -S bias_ratio=0 -S severity=4 "
+        "-S budget=quick",
+        "dvc exp run --queue -n cmnist-rho1-sev4-quick -S dataset=cmnist -S bias_ratio=1 -S severity=4 "
+        "-S budget=quick",
+        "dvc queue start -j 2",
+    ]
+    with pytest.raises(ValueError, match="valid are"):
+        grid.grid_cells(ratios=[1.5])
+
+
+@pytest.mark.slow
+def test_queue_run_and_report_tiny(tmp_path):
+    """Two real DM-only experiments (Table 2 cells) through DVC's queue, then the report (~2-3 min)."""
+    repo = make_repo(tmp_path, make_tiny)
+    cells = [grid.GridCell("cmnist", 1.0, severity, "quick", target=grid.SWEEP_TARGET) for severity in (1, 2)]
+    assert grid.queue(cells, repo) == 0
+    assert grid.queue_counts(repo) == {"Queued": 2}
+    run(repo, "dvc", "queue", "start", "-j", "1")
+    counts = grid.wait(repo, poll_s=5, timeout_s=600)
+    assert counts == {"Success": 2}, run(repo, "dvc", "queue", "logs", cells[0].name)
+    run(repo, "dvc", "queue", "stop")  # workers exit on an empty queue; make sure
+    written = report.write_report(report.exp_show_json(repo), tmp_path / "reports")
+    assert list(written) == ["quick"]
+    table2 = _csv(tmp_path / "reports/quick/table2_test_conflicting.csv")
+    row = table2["CMNIST-DD rho=1"]
+    assert row["severity 1"] and row["severity 2"] and not row["severity 3"] and not row["severity 4"]
