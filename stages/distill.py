@@ -1,7 +1,8 @@
 """Stage `distill@<method>`: a synthetic set from the biased training split with DC, DSA or DM.
 
     python stages/distill.py --method dm --params params.yaml --data data/biased.h5 \
-        --out data/synthetic/dm.h5 --loss metrics/distill/dm_loss.csv --checkpoints data/checkpoints
+        --out data/synthetic/dm.h5 --loss metrics/distill/dm_loss.csv --checkpoints data/checkpoints \
+        --bias-model data/bias_model.h5
 
 Cost: quick budget a minute or two on 2 CPU cores; paper budget minutes (DM) to an hour (DC/DSA) on one
 GPU. Checkpoints every `distill.checkpoint_every` iterations; a killed run resumes where it stopped.
@@ -25,10 +26,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--loss", required=True, type=Path)
     parser.add_argument("--checkpoints", required=True, type=Path)
+    parser.add_argument(
+        "--bias-model", type=Path, help="the bias_model stage's scores (debias.mode inferred)"
+    )
     args = parser.parse_args()
     setup_logging()
     setup = distill_setup(load_params(args.params), args.method)  # validates before any work
-    results, mean, std = run_distill(setup, args.data, args.checkpoints)
+    results, mean, std = run_distill(setup, args.data, args.checkpoints, bias_model_path=args.bias_model)
     data_attrs = io.read_attrs(args.data)
     provenance = {
         **setup.provenance(),

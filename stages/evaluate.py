@@ -30,10 +30,18 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--train", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path)
+    parser.add_argument(
+        "--bias-classifier", type=Path, help="the bias-only classifier (amplification metrics)"
+    )
     args = parser.parse_args()
     setup_logging()
     setup = evaluate_setup(load_params(args.params), args.name)  # validates before any work
-    metrics = run_evaluate(setup, args.data, None if args.name == "full" else args.train)
+    metrics = run_evaluate(
+        setup,
+        args.data,
+        None if args.name == "full" else args.train,
+        bias_classifier_path=args.bias_classifier,
+    )
     metrics["code_version"] = io.code_version()
     io.write_json(args.metrics, metrics)
 

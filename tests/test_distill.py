@@ -84,7 +84,11 @@ def net_factory(generator: torch.Generator) -> torch.nn.Module:
 
 def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
     images, labels = planted
-    extra = {k: overrides.pop(k) for k in ("resume", "on_checkpoint", "checkpoint_every") if k in overrides}
+    extra = {
+        k: overrides.pop(k)
+        for k in ("resume", "on_checkpoint", "checkpoint_every", "debias")
+        if k in overrides
+    }
     cfg = CONFIGS[method](**{**TINY[method], **overrides})
     generator = torch.Generator().manual_seed(seed)
     return METHODS[method](
@@ -286,3 +290,38 @@ def test_config_validation(method):
         from_dict(cls, {**TINY[method], "outer_loops": 3}, f"distill.{method}")
     with pytest.raises(ValueError, match="iterations"):
         from_dict(cls, {**TINY[method], "iterations": 2.5}, f"distill.{method}")
+
+
+# --- debiased targets (issue 6; the rest lives in tests/test_debias.py) --------------------------------
+
+
+def test_gradient_distance_per_class_sums_to_the_total():
+    generator = torch.Generator().manual_seed(2)
+    grads_syn = [torch.randn(NUM_CLASSES, 4, 3, 3, 3, generator=generator), torch.randn(NUM_CLASSES, 4)]
+    grads_real = [torch.randn(NUM_CLASSES, 4, 3, 3, 3, generator=generator), torch.randn(NUM_CLASSES, 4)]
+    per_class = common.gradient_distance_per_class(grads_syn, grads_real)
+    assert per_class.shape == (NUM_CLASSES,)
+    assert ((per_class >= 0) & (per_class <= 2 * 4)).all()  # 4 rows, each 1 - cos in [0, 2]
+    total = common.gradient_distance(grads_syn, grads_real, leading=1)
+    assert float(per_class.sum()) == pytest.approx(float(total), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_debias_none_keyword_is_the_plain_method(method, planted):
+    assert torch.equal(run(method, planted).images, run(method, planted, debias=None).images)
+
+
+def test_weighted_init_draws_distinct_weighted_images(planted):
+    images, labels = planted
+    weights = torch.zeros(len(labels))
+    for c in range(NUM_CLASSES):
+        weights[torch.nonzero(labels == c).squeeze(1)[:3]] = 1.0  # 3 images per class carry all weight
+    sampler = common.WeightedClassSampler(labels, weights, NUM_CLASSES)
+    generator = torch.Generator().manual_seed(0)
+    picks = sampler.sample_distinct(3, generator).view(NUM_CLASSES, 3)
+    for c in range(NUM_CLASSES):
+        assert (labels[picks[c]] == c).all() and (weights[picks[c]] > 0).all()
+        assert len(set(picks[c].tolist())) == 3  # without replacement
+    assert (weights[sampler.sample(50, generator)] > 0).all()
+    syn = common.init_synthetic(images, sampler, 2, "real", generator)
+    assert any(torch.equal(syn[0], images[i]) for i in torch.nonzero(weights > 0).squeeze(1))

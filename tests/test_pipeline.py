@@ -85,9 +85,11 @@ def test_whole_pipeline_tiny(tmp_path):
     second repro skips everything and `dvc metrics show` reads the metrics."""
     repo = make_repo(tmp_path, make_tiny)
     out = run(repo, "dvc", "repro")
-    for stage in ["download", "bias_inject", "plot"] + [f"distill@{m}" for m in METHODS] + [
-        f"evaluate@{n}" for n in ["full", *METHODS]
-    ]:
+    for stage in (
+        ["download", "bias_inject", "plot"]
+        + [f"distill@{m}" for m in METHODS]
+        + [f"evaluate@{n}" for n in ["full", *METHODS]]
+    ):
         assert f"Running stage '{stage}'" in out, stage
     for method in METHODS:
         attrs = io.read_attrs(repo / f"data/synthetic/{method}.h5")
@@ -107,7 +109,14 @@ def test_whole_pipeline_tiny(tmp_path):
             assert metrics[split]["n"]["mean"] == 100
         assert metrics["test_conflicting"]["aligned_accuracy"]["mean"] is None  # no aligned samples at rho 0
         assert 0.0 <= metrics["test_uniform"]["accuracy"]["mean"] <= 1.0
-    for png in ["biased_samples", "synthetic_dc", "synthetic_dsa", "synthetic_dm", "distill_loss", "accuracy"]:
+    for png in [
+        "biased_samples",
+        "synthetic_dc",
+        "synthetic_dsa",
+        "synthetic_dm",
+        "distill_loss",
+        "accuracy",
+    ]:
         data = (repo / f"plots/{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
     for split in ("test_conflicting", "test_uniform"):

@@ -33,22 +33,55 @@ def _params(tmp_path: Path, edit=None) -> Path:
 
 
 def _stage(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py"), *args], capture_output=True,
-                          text=True, check=check, env={**os.environ, "BIASDD_WORKERS": "1"})
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        env={**os.environ, "BIASDD_WORKERS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
 def biased(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("data")
     params = _params(tmp)
-    _stage("download", "--params", str(params), "--embedded", str(REPO / "data/embedded"), "--out", str(tmp / "base.h5"))
-    _stage("bias_inject", "--params", str(params), "--base", str(tmp / "base.h5"), "--out", str(tmp / "biased.h5"))
+    _stage(
+        "download",
+        "--params",
+        str(params),
+        "--embedded",
+        str(REPO / "data/embedded"),
+        "--out",
+        str(tmp / "base.h5"),
+    )
+    _stage(
+        "bias_inject",
+        "--params",
+        str(params),
+        "--base",
+        str(tmp / "base.h5"),
+        "--out",
+        str(tmp / "biased.h5"),
+    )
     return tmp / "biased.h5"
 
 
 def _distill_args(params: Path, biased: Path, out: Path, checkpoints: Path) -> list[str]:
-    return ["--method", "dm", "--params", str(params), "--data", str(biased), "--out", str(out),
-            "--loss", str(out.with_suffix(".csv")), "--checkpoints", str(checkpoints)]
+    return [
+        "--method",
+        "dm",
+        "--params",
+        str(params),
+        "--data",
+        str(biased),
+        "--out",
+        str(out),
+        "--loss",
+        str(out.with_suffix(".csv")),
+        "--checkpoints",
+        str(checkpoints),
+    ]
 
 
 @pytest.mark.slow
@@ -63,9 +96,11 @@ def test_killed_distillation_resumes_to_the_same_bytes(tmp_path, biased):
     _stage("distill", *_distill_args(params, biased, reference, tmp_path / "ck_ref"))
 
     out, checkpoints = tmp_path / "resumed.h5", tmp_path / "ck"
-    proc = subprocess.Popen([sys.executable, str(REPO / "stages/distill.py"),
-                             *_distill_args(params, biased, out, checkpoints)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/distill.py"), *_distill_args(params, biased, out, checkpoints)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = checkpoints / "dm_repeat0.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -95,11 +130,20 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda p: p.update(budget="huge"), r"budget: 'huge' is not valid; choose one of \['quick', 'paper'\]"),
+        (
+            lambda p: p.update(budget="huge"),
+            r"budget: 'huge' is not valid; choose one of \['quick', 'paper'\]",
+        ),
         (lambda p: p.update(device="tpu"), r"device: 'tpu' is not valid"),
         (lambda p: p["budgets"]["quick"]["distill"]["dm"].update(ipc=0), r"distill.dm.ipc"),
-        (lambda p: p["budgets"]["quick"]["distill"]["dm"].update(lr=1.0), r"distill.dm: unknown key\(s\) \['lr'\]"),
-        (lambda p: p["model"].update(net="resnet"), r"model.net: 'resnet' is not valid; choose one of \['convnet3'\]"),
+        (
+            lambda p: p["budgets"]["quick"]["distill"]["dm"].update(lr=1.0),
+            r"distill.dm: unknown key\(s\) \['lr'\]",
+        ),
+        (
+            lambda p: p["model"].update(net="resnet"),
+            r"model.net: 'resnet' is not valid; choose one of \['convnet3'\]",
+        ),
         (lambda p: p["augment"]["dsa"].update(strategy="color_blur"), r"unknown op 'blur'"),
     ],
 )
@@ -116,7 +160,9 @@ def test_unknown_method_names_the_valid_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):
         distill_setup(params, "mtt")
-    with pytest.raises(ValueError, match=r"augment: 'mixup' is not valid; choose one of \['none', 'dsa', 'dc'\]"):
+    with pytest.raises(
+        ValueError, match=r"augment: 'mixup' is not valid; choose one of \['none', 'dsa', 'dc'\]"
+    ):
         bad = load_params(REPO / "params.yaml")
         bad["evaluate"]["synthetic"]["schedule"]["cmnist"]["dm"]["augment"] = "mixup"
         evaluate_setup(bad, "dm")

@@ -19,8 +19,22 @@ def make_tiny(params: dict[str, Any]) -> None:
         "distill": {
             "repeats": 2,
             "checkpoint_every": 1,
-            "dc": {"ipc": 2, "iterations": 2, "outer_loop": 2, "inner_loop": 1, "batch_real": 8, "batch_train": 16},
-            "dsa": {"ipc": 2, "iterations": 2, "outer_loop": 2, "inner_loop": 1, "batch_real": 8, "batch_train": 16},
+            "dc": {
+                "ipc": 2,
+                "iterations": 2,
+                "outer_loop": 2,
+                "inner_loop": 1,
+                "batch_real": 8,
+                "batch_train": 16,
+            },
+            "dsa": {
+                "ipc": 2,
+                "iterations": 2,
+                "outer_loop": 2,
+                "inner_loop": 1,
+                "batch_real": 8,
+                "batch_train": 16,
+            },
             "dm": {"ipc": 2, "iterations": 4, "batch_real": 8},
         },
         "evaluate": {
@@ -33,4 +47,6 @@ def make_tiny(params: dict[str, Any]) -> None:
             },
             "full": {"epochs": 2, "lr_milestones": [1], "limit_train": 200},
         },
+        "bias_model": {"steps": 5, "batch_size": 16, "width": 4},
+        "bias_classifier": {"steps": 5, "batch_size": 16, "width": 4, "reference_limit": 100},
     }

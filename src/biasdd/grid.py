@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from biasdd.report import dvc_executable
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("cmnist", "ccifar10")
@@ -97,6 +99,8 @@ def grid_cells(
 
 
 def _run(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
+    if cmd and cmd[0] == "dvc":
+        cmd = [dvc_executable(), *cmd[1:]]
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
 
 

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from biasdd import debias as debias_lib
 from biasdd import io
 from biasdd.augment import DCAugConfig, DSAConfig, dc_augment, dsa_augment
 from biasdd.config import budget_of, derive_seed, from_dict, resolve_device, section
+from biasdd.debias import BiasClassifierConfig, BiasModelConfig, DebiasConfig
 from biasdd.distill import CONFIGS, METHODS, DistillResult
 from biasdd.evaluate import TrainConfig, evaluate_ensemble, train_networks
 from biasdd.nets import NETWORKS, build_network
@@ -144,9 +146,10 @@ class DistillSetup:
     dsa: DSAConfig | None
     repeats: int
     checkpoint_every: int
+    debias: DebiasConfig
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.method,
             "budget": self.run.budget,
             "dataset": self.run.dataset,
@@ -156,6 +159,9 @@ class DistillSetup:
             "config": dataclasses.asdict(self.cfg),
             "dsa": dataclasses.asdict(self.dsa) if self.dsa else None,
         }
+        if self.debias.mode != "none":  # `none` keeps today's artifacts and checkpoints byte-identical
+            out["debias"] = dataclasses.asdict(self.debias)
+        return out
 
 
 def distill_setup(params: Mapping[str, Any], method: str) -> DistillSetup:
@@ -167,7 +173,8 @@ def distill_setup(params: Mapping[str, Any], method: str) -> DistillSetup:
     repeats = _positive_int("distill.repeats", shared.get("repeats"))
     checkpoint_every = _positive_int("distill.checkpoint_every", shared.get("checkpoint_every"), low=0)
     dsa = dsa_config(params, run.dataset) if method in ("dsa", "dm") else None
-    return DistillSetup(method, run, cfg, dsa, repeats, checkpoint_every)
+    debias = from_dict(DebiasConfig, section(params, "debias"), "debias")
+    return DistillSetup(method, run, cfg, dsa, repeats, checkpoint_every, debias)
 
 
 def net_factory(run: RunConfig, channels: int, im_size: int) -> Callable[[torch.Generator], nn.Module]:
@@ -180,8 +187,29 @@ def net_factory(run: RunConfig, channels: int, im_size: int) -> Callable[[torch.
     return make
 
 
+def debias_targets_for(
+    setup: DistillSetup, train: BiasedSplit, labels: Tensor, bias_model_path: Path | None
+) -> debias_lib.DebiasTargets | None:
+    """The methods' `debias=` argument: None for `none`; attribute labels for `groups`; the biased
+    model's scores (the bias_model stage's `train/scores`) for `inferred`."""
+    scores = None
+    if setup.debias.mode == "inferred":
+        if bias_model_path is None:
+            raise ValueError("debias.mode 'inferred' needs --bias-model (the bias_model stage's output)")
+        scores = torch.from_numpy(io.read_h5(bias_model_path, "train", ("scores",))["scores"])
+        if scores.shape != labels.shape:
+            raise ValueError(f"{bias_model_path}: {scores.shape[0]} scores for {labels.shape[0]} images")
+    return debias_lib.debias_targets(
+        setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), scores=scores
+    )
+
+
 def run_distill(
-    setup: DistillSetup, data_path: Path, checkpoint_dir: Path | None, progress: bool = True
+    setup: DistillSetup,
+    data_path: Path,
+    checkpoint_dir: Path | None,
+    progress: bool = True,
+    bias_model_path: Path | None = None,
 ) -> tuple[list[DistillResult], np.ndarray, np.ndarray]:
     """Distil `setup.repeats` synthetic sets from the biased training split, resuming from checkpoints.
 
@@ -192,9 +220,11 @@ def run_distill(
     images = train.images.to(setup.run.device)
     labels = train.labels.to(setup.run.device)
     channels, im_size = images.shape[1], images.shape[-1]
-    fingerprint = hashlib.sha256(
-        json.dumps({**setup.provenance(), "data": file_digest(data_path)}, sort_keys=True).encode()
-    ).hexdigest()
+    targets = debias_targets_for(setup, train, labels, bias_model_path)
+    identity = {**setup.provenance(), "data": file_digest(data_path)}
+    if setup.debias.mode == "inferred" and bias_model_path is not None:
+        identity["bias_model"] = file_digest(bias_model_path)
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     results = []
     for repeat in range(setup.repeats):
         generator = torch.Generator().manual_seed(
@@ -226,6 +256,7 @@ def run_distill(
             on_checkpoint=on_checkpoint,
             checkpoint_every=setup.checkpoint_every,
             progress=progress,
+            debias=targets,
         )
         results.append(result)
     return results, mean, std
@@ -340,7 +371,11 @@ def make_augment(
 
 
 def run_evaluate(
-    setup: EvalSetup, data_path: Path, synthetic_path: Path | None, progress: bool = True
+    setup: EvalSetup,
+    data_path: Path,
+    synthetic_path: Path | None,
+    progress: bool = True,
+    bias_classifier_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train `setup.repeats` networks (batched) and score them on both test splits.
 
@@ -400,4 +435,125 @@ def run_evaluate(
     }
     for split in TEST_SPLITS:
         metrics[split] = results[split]["summary"]
+    if bias_classifier_path is not None:
+        metrics["bias_amplification"] = amplification_metrics(bias_classifier_path, synthetic_path, device)
     return metrics
+
+
+# --- biased model and bias classifier (issue 6) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BiasModelSetup:
+    run: RunConfig
+    model: BiasModelConfig
+    classifier: BiasClassifierConfig
+
+    def provenance(self, kind: Literal["bias_model", "bias_classifier"]) -> dict[str, Any]:
+        return {
+            "budget": self.run.budget,
+            "dataset": self.run.dataset,
+            "seed": self.run.seed,
+            "net": self.run.model.net,
+            "config": dataclasses.asdict(self.model if kind == "bias_model" else self.classifier),
+        }
+
+
+def bias_model_setup(params: Mapping[str, Any]) -> BiasModelSetup:
+    """Validate every param the bias_model and bias_classifier stages use."""
+    run = _run_config(params)
+    model = from_dict(BiasModelConfig, section(params, "bias_model"), "bias_model")
+    classifier = from_dict(BiasClassifierConfig, section(params, "bias_classifier"), "bias_classifier")
+    return BiasModelSetup(run, model, classifier)
+
+
+def _factory_at(
+    run: RunConfig, width: int, channels: int, im_size: int
+) -> Callable[[torch.Generator], nn.Module]:
+    return net_factory(dataclasses.replace(run, model=ModelConfig(run.model.net, width)), channels, im_size)
+
+
+def run_bias_model(setup: BiasModelSetup, data_path: Path, progress: bool = True) -> dict:
+    """The GCE-biased model's score of every training sample: {"train": {"scores": (N,) float32}}."""
+    mean, std = train_stats(data_path)
+    train = load_split(data_path, "train", mean, std)
+    images = train.images.to(setup.run.device)
+    generator = torch.Generator().manual_seed(derive_seed(setup.run.seed, "bias_model"))
+    factory = _factory_at(setup.run, setup.model.width, images.shape[1], images.shape[-1])
+    scores = debias_lib.train_biased_model(images, train.labels, setup.model, factory, generator, progress)
+    conflicting = train.attributes != train.labels  # only logged: the scores never see attributes
+    if bool(conflicting.any()) and bool((~conflicting).any()):
+        log.info(
+            "biased model: mean score %.3f on bias-aligned, %.3f on bias-conflicting samples",
+            float(scores[~conflicting].mean()),
+            float(scores[conflicting].mean()),
+        )
+    return {"train": {"scores": scores.numpy().astype(np.float32)}}
+
+
+def run_bias_classifier(
+    setup: BiasModelSetup, data_path: Path, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checkpoint, metrics) of the bias-only attribute classifier; the checkpoint holds what
+    `load_bias_classifier` needs plus the real training set's aligned share (the reference)."""
+    cfg = setup.classifier
+    mean, std = train_stats(data_path)
+    train = load_split(data_path, "train", mean, std)
+    device = setup.run.device
+    images = train.images.to(device)
+    channels, im_size = images.shape[1], images.shape[-1]
+    generator = torch.Generator().manual_seed(derive_seed(setup.run.seed, "bias_classifier"))
+    factory = _factory_at(setup.run, cfg.width, channels, im_size)
+    classifier = debias_lib.train_bias_classifier(
+        images, train.labels, train.attributes, NUM_CLASSES, cfg, factory, generator, progress
+    )
+    subset = debias_lib.strided_subset(len(train.labels), cfg.reference_limit)
+    reference = debias_lib.bias_amplification(
+        classifier, train.images[subset], train.labels[subset], NUM_CLASSES
+    )
+    test = load_split(data_path, "test_uniform", mean, std)
+    accuracy = debias_lib.attribute_accuracy(classifier, test.images, test.attributes)
+    checkpoint = {
+        "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+        "net": setup.run.model.net,
+        "width": cfg.width,
+        "channels": channels,
+        "im_size": im_size,
+        "reference": reference,
+        "provenance": setup.provenance("bias_classifier"),
+    }
+    metrics = {
+        "attribute_accuracy_test_uniform": accuracy,
+        "real_aligned_share": reference["mean"],
+        "real_aligned_share_per_class": reference["per_class"],
+        "n_reference": int(subset.numel()),
+    }
+    return checkpoint, metrics
+
+
+def load_bias_classifier(path: Path, device: str) -> tuple[nn.Module, float | None]:
+    """(classifier in eval mode on `device`, the real set's mean aligned share)."""
+    saved = io.load_checkpoint(path)
+    if saved is None:
+        raise FileNotFoundError(f"{path}: no bias classifier (run the bias_classifier stage first)")
+    net = build_network(saved["net"], saved["channels"], NUM_CLASSES, saved["im_size"], saved["width"])
+    net.load_state_dict(saved["state_dict"])
+    return net.to(device).eval(), saved["reference"]["mean"]
+
+
+def amplification_metrics(classifier_path: Path, synthetic_path: Path | None, device: str) -> dict[str, Any]:
+    """The bias-amplification diagnostic: for a synthetic set, the share of each class's synthetic images
+    the bias-only classifier labels with the class's aligned attribute (per set, then mean/std over sets)
+    against the real set's share; for the full set, the reference alone."""
+    classifier, reference = load_bias_classifier(classifier_path, device)
+    if synthetic_path is None:
+        return {"real_aligned_share": reference}
+    per_set = []
+    for group in sorted(g for g in io.list_groups(synthetic_path) if g.startswith("repeat_")):
+        data = io.read_h5(synthetic_path, group, ("images", "labels"))
+        per_set.append(
+            debias_lib.bias_amplification(
+                classifier, torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), NUM_CLASSES
+            )
+        )
+    return debias_lib.summarise_amplification(per_set, reference)

@@ -33,6 +33,7 @@ import io as _io
 import json
 import logging
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,12 +87,20 @@ class Cell:
 # --- reading `dvc exp show --json` -----------------------------------------------------------------
 
 
+def dvc_executable() -> str:
+    """`dvc` from this interpreter's environment when it is there (an un-activated venv), else PATH's."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else "dvc"
+
+
 def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
     """Run `dvc exp show --json` in `repo` (the workspace, HEAD and its experiments)."""
     cmd = ["dvc", "exp", "show", "--json"]
     if all_commits:
         cmd.append("--all-commits")
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [dvc_executable(), *cmd[1:]], cwd=repo, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
     return json.loads(result.stdout)

@@ -10,6 +10,11 @@ K parameter gradients from one batched forward/backward (the real images of clas
 images each form one slice of a (K, n, C, H, W) tensor). The synthetic side stays differentiable wrt
 the images (the transforms compose with autograd, like `create_graph=True`). If that path fails on some
 torch version, a per-class loop with `torch.autograd.grad` takes over (same maths, logged once).
+
+Debiased targets (`debias`, issue 6; see `biasdd.debias`): the real batch of class c is drawn with
+probability proportional to the per-sample weights (importance sampling), so the gradient of its plain
+mean CE estimates the gradient of the weighted mean CE; with a repulsion lambda > 0 a second real batch,
+drawn from the bias-aligned weights, gives g_b and the loss becomes `debiased_matching_loss`.
 """
 
 from __future__ import annotations
@@ -149,6 +154,43 @@ def matching_loss(
     )
 
 
+def debiased_matching_loss(
+    net: nn.Module,
+    real_images: Tensor,
+    syn_images: Tensor,
+    aligned_images: Tensor,
+    repulsion: float,
+    valid: Tensor | None = None,
+    class_gradients: ClassGradients | None = None,
+) -> Tensor:
+    """sum_c D(g_S, g_g) - lambda * D(g_S, g_b), D = DC's gradient distance; differentiable wrt syn.
+
+    g_g: per-class gradient on `real_images` (the debiased target A_g), g_b: on `aligned_images` (the
+    bias-aligned estimate A_b); all (K, n, C, H, W). Why this form: D sums 1 - cos over the R output rows
+    of the matched weights, so each class's repulsion lies in [0, 2R]: the loss is bounded below by
+    -2 lambda R K whatever lambda, and, being a cosine, the term cannot push the synthetic images'
+    gradient scale (or the images) off to infinity; it only turns g_S away from the bias direction.
+    `valid` (K,) bool drops the repulsion of classes without an aligned estimate.
+    """
+    class_gradients = class_gradients or ClassGradients()
+    num_classes = real_images.shape[0]
+    device = real_images.device
+    labels_real = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, real_images.shape[1])
+    labels_aligned = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, aligned_images.shape[1])
+    labels_syn = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, syn_images.shape[1])
+    with torch.no_grad():  # the real sides are constant targets
+        grads_real = class_gradients(net, real_images, labels_real)
+        grads_aligned = class_gradients(net, aligned_images, labels_aligned)
+    grads_syn = class_gradients(net, syn_images, labels_syn)
+    names = list(grads_real)
+    syn_list = [grads_syn[name] for name in names]
+    attraction = common.gradient_distance_per_class(syn_list, [grads_real[name] for name in names])
+    repelled = common.gradient_distance_per_class(syn_list, [grads_aligned[name] for name in names])
+    if valid is not None:
+        repelled = repelled * valid.to(repelled.dtype)
+    return (attraction - repulsion * repelled).sum()
+
+
 # --- network updates on the synthetic set -----------------------------------------------------------
 
 
@@ -196,10 +238,12 @@ def run_gradient_matching(
     progress: bool,
     desc: str,
     batched: bool | None = None,
+    debias: common.DebiasTargets | None = None,
 ) -> common.DistillResult:
     """DC's outer/inner loop; with `dsa`, siamese augmentation in matching and per-sample augmentation
     in the network updates (DSA). Loss per outer iteration: the mean per-class distance over the outer
-    loop (the reference's logged `loss_avg`).
+    loop (the reference's logged `loss_avg`), including the repulsion term when `debias.repulsion` > 0.
+    `debias=None` is the plain method; the network updates always train on the synthetic set only.
 
     `batched=None` batches the per-class gradients (vmap; one grouped convolution) on accelerators and
     loops over classes on the CPU, where grouped convolutions measured 2-10x slower than the loop
@@ -209,14 +253,18 @@ def run_gradient_matching(
         batched = real_images.device.type != "cpu"
     common.check_inputs(real_images, real_labels, num_classes)
     sampler = common.ClassSampler(real_labels, num_classes)
+    sampling = common.real_sampling(sampler, real_labels, num_classes, debias)
     shape = real_images.shape[1:]
     ipc, batch_real = cfg.ipc, cfg.batch_real
     device = real_images.device
 
-    syn = common.init_synthetic(real_images, sampler, ipc, cfg.init, generator).requires_grad_(True)
+    syn = common.init_synthetic(real_images, sampling.init, ipc, cfg.init, generator).requires_grad_(True)
     syn_labels = common.class_labels(num_classes, ipc, device)
     real_batch_labels = common.class_labels(num_classes, batch_real, device)
-    groups = torch.cat([real_batch_labels, syn_labels])  # siamese: one parameter set per class
+    if sampling.aligned is None:
+        groups = torch.cat([real_batch_labels, syn_labels])  # siamese: one parameter set per class
+    else:  # the aligned batch shares its class's augmentation parameters too
+        groups = torch.cat([real_batch_labels, real_batch_labels, syn_labels])
     optimizer_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     networks = common.FreshNetworks(net_factory, generator)
     class_gradients = ClassGradients(batched)
@@ -232,17 +280,32 @@ def run_gradient_matching(
         optimizer_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         loss_sum = torch.zeros((), device=device, dtype=real_images.dtype)
         for step in range(cfg.outer_loop):
-            real = real_images[sampler.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
+            real = real_images[sampling.target.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
             syn_in = syn
-            if dsa is not None:
-                augmented = dsa_augment(torch.cat([real, syn]), dsa, generator, groups=groups)
-                real, syn_in = augmented[: real.shape[0]], augmented[real.shape[0] :]
-            loss = matching_loss(
-                net,
-                real.view(num_classes, batch_real, *shape),
-                syn_in.view(num_classes, ipc, *shape),
-                class_gradients,
-            )
+            if sampling.aligned is None:
+                if dsa is not None:
+                    augmented = dsa_augment(torch.cat([real, syn]), dsa, generator, groups=groups)
+                    real, syn_in = augmented[: real.shape[0]], augmented[real.shape[0] :]
+                loss = matching_loss(
+                    net,
+                    real.view(num_classes, batch_real, *shape),
+                    syn_in.view(num_classes, ipc, *shape),
+                    class_gradients,
+                )
+            else:
+                aligned = real_images[sampling.aligned.sample(batch_real, generator)]
+                if dsa is not None:
+                    augmented = dsa_augment(torch.cat([real, aligned, syn]), dsa, generator, groups=groups)
+                    real, aligned, syn_in = augmented.split([real.shape[0], aligned.shape[0], syn.shape[0]])
+                loss = debiased_matching_loss(
+                    net,
+                    real.view(num_classes, batch_real, *shape),
+                    syn_in.view(num_classes, ipc, *shape),
+                    aligned.view(num_classes, batch_real, *shape),
+                    sampling.repulsion,
+                    sampling.aligned_valid,
+                    class_gradients,
+                )
             optimizer_img.zero_grad(set_to_none=True)
             loss.backward()
             optimizer_img.step()
@@ -272,9 +335,10 @@ def distill(
     on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = True,
+    debias: common.DebiasTargets | None = None,
 ) -> common.DistillResult:
     """Distil with DC. DC uses no augmentation (PROTOCOL section 6): `dsa` is accepted so that every
-    method shares one signature, and ignored."""
+    method shares one signature, and ignored. `debias`: debiased real-side targets (None = plain DC)."""
     if dsa is not None:
         logger.debug("dc: ignoring the DSA config (DC distils without augmentation)")
     return run_gradient_matching(
@@ -290,4 +354,5 @@ def distill(
         checkpoint_every,
         progress,
         desc="dc",
+        debias=debias,
     )

@@ -7,6 +7,11 @@ loss = sum_c || mean embed(aug(real_c)) - mean embed(aug(syn_c)) ||^2. Augmentat
 
 The network is built once and re-drawn in place from the generator each iteration
 (`common.FreshNetworks`): same init distribution, no module construction in the hot loop.
+
+Debiased targets (`debias`, issue 6; see `biasdd.debias`): the real batch of class c is drawn with
+probability proportional to the per-sample weights (importance sampling), so its plain mean embedding
+estimates the weighted mean mu_g; with a repulsion lambda > 0 a second real batch, drawn from the
+bias-aligned weights, estimates mu_b and the loss becomes `debiased_embedding_loss`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,45 @@ def embedding_loss(net: nn.Module, real_images: Tensor, syn_images: Tensor) -> T
     return ((real_mean - syn_mean) ** 2).sum()
 
 
+def debiased_embedding_loss(
+    net: nn.Module,
+    real_images: Tensor,
+    syn_images: Tensor,
+    aligned_images: Tensor,
+    repulsion: float,
+    max_shift: float,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """sum_c ||mu_S - mu_g||^2 - lambda * min(||mu_S - mu_b||^2, (1 + max_shift)^2 ||mu_g - mu_b||^2).
+
+    mu_g: mean embedding of `real_images` (the debiased target, A_g), mu_b: of `aligned_images` (the
+    bias-aligned estimate, A_b), mu_S: of `syn_images`; all (K, n, C, H, W). Real sides are detached.
+
+    Why this form: a plain -lambda ||mu_S - mu_b||^2 is unbounded below for lambda >= 1 (mu_S runs off).
+    The cap makes the repulsion a hinge that switches off once mu_S is (1 + max_shift) times as far from
+    mu_b as mu_g is, so the loss is >= -lambda (1 + max_shift)^2 sum_c ||mu_g - mu_b||^2 (a detached
+    constant per iteration) and the gradient is bounded. Scaling the cap by ||mu_g - mu_b||^2 makes it
+    free of the embedding's scale (which changes with every fresh network). For lambda < 1 and an
+    inactive cap the optimum is mu_S = mu_g + lambda / (1 - lambda) (mu_g - mu_b): an extrapolation away
+    from the bias, by at most `max_shift` * |mu_g - mu_b| for any lambda.
+    `valid` (K,) bool drops the repulsion of classes without an aligned estimate.
+    """
+    num_classes = real_images.shape[0]
+    with torch.no_grad():
+        both = torch.cat([real_images.flatten(0, 1), aligned_images.flatten(0, 1)])
+        embedded = net.embed(both)
+        split = real_images.shape[0] * real_images.shape[1]
+        real_mean = embedded[:split].view(num_classes, real_images.shape[1], -1).mean(1)
+        aligned_mean = embedded[split:].view(num_classes, aligned_images.shape[1], -1).mean(1)
+        cap = (1 + max_shift) ** 2 * ((real_mean - aligned_mean) ** 2).sum(1)  # (K,)
+    syn_mean = net.embed(syn_images.flatten(0, 1)).view(num_classes, syn_images.shape[1], -1).mean(1)
+    attraction = ((real_mean - syn_mean) ** 2).sum(1)  # (K,)
+    repelled = torch.minimum(((aligned_mean - syn_mean) ** 2).sum(1), cap)  # (K,)
+    if valid is not None:
+        repelled = repelled * valid.to(repelled.dtype)
+    return (attraction - repulsion * repelled).sum()
+
+
 def distill(
     real_images: Tensor,
     real_labels: Tensor,
@@ -64,19 +108,23 @@ def distill(
     on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = True,
+    debias: common.DebiasTargets | None = None,
 ) -> common.DistillResult:
     """Distil with DM (siamese DSA when `dsa` is given, as in the paper). Loss per iteration: the
-    per-class mean of the summed distance (the reference's logged `loss_avg`)."""
+    per-class mean of the summed distance (the reference's logged `loss_avg`), including the repulsion
+    term when `debias.repulsion` > 0. `debias=None` is the plain method."""
     common.check_inputs(real_images, real_labels, num_classes)
     sampler = common.ClassSampler(real_labels, num_classes)
+    sampling = common.real_sampling(sampler, real_labels, num_classes, debias)
     shape = real_images.shape[1:]
     ipc, batch_real = cfg.ipc, cfg.batch_real
     device = real_images.device
 
-    syn = common.init_synthetic(real_images, sampler, ipc, cfg.init, generator).requires_grad_(True)
-    groups = torch.cat(
-        [common.class_labels(num_classes, batch_real, device), common.class_labels(num_classes, ipc, device)]
-    )
+    syn = common.init_synthetic(real_images, sampling.init, ipc, cfg.init, generator).requires_grad_(True)
+    group_parts = [common.class_labels(num_classes, batch_real, device)]
+    if sampling.aligned is not None:  # the aligned batch shares its class's augmentation parameters
+        group_parts.append(common.class_labels(num_classes, batch_real, device))
+    groups = torch.cat([*group_parts, common.class_labels(num_classes, ipc, device)])
     optimizer_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     networks = common.FreshNetworks(net_factory, generator)
     if not hasattr(networks.net, "embed"):
@@ -91,14 +139,29 @@ def distill(
         net = networks.next(generator)
         net.train()  # as the reference; ConvNet's instance norm has no train/eval difference
         net.requires_grad_(False)
-        real = real_images[sampler.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
+        real = real_images[sampling.target.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
         syn_in = syn
-        if dsa is not None:
-            augmented = dsa_augment(torch.cat([real, syn]), dsa, generator, groups=groups)
-            real, syn_in = augmented[: real.shape[0]], augmented[real.shape[0] :]
-        loss = embedding_loss(
-            net, real.view(num_classes, batch_real, *shape), syn_in.view(num_classes, ipc, *shape)
-        )
+        if sampling.aligned is None:
+            if dsa is not None:
+                augmented = dsa_augment(torch.cat([real, syn]), dsa, generator, groups=groups)
+                real, syn_in = augmented[: real.shape[0]], augmented[real.shape[0] :]
+            loss = embedding_loss(
+                net, real.view(num_classes, batch_real, *shape), syn_in.view(num_classes, ipc, *shape)
+            )
+        else:
+            aligned = real_images[sampling.aligned.sample(batch_real, generator)]  # (K * batch_real, ...)
+            if dsa is not None:
+                augmented = dsa_augment(torch.cat([real, aligned, syn]), dsa, generator, groups=groups)
+                real, aligned, syn_in = augmented.split([real.shape[0], aligned.shape[0], syn.shape[0]])
+            loss = debiased_embedding_loss(
+                net,
+                real.view(num_classes, batch_real, *shape),
+                syn_in.view(num_classes, ipc, *shape),
+                aligned.view(num_classes, batch_real, *shape),
+                sampling.repulsion,
+                sampling.max_shift,
+                sampling.aligned_valid,
+            )
         optimizer_img.zero_grad(set_to_none=True)
         loss.backward()
         optimizer_img.step()

@@ -38,8 +38,10 @@ def distill(
     on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     progress: bool = True,
+    debias: common.DebiasTargets | None = None,
 ) -> common.DistillResult:
-    """Distil with DSA; `dsa` (the augmentation parameters) is required."""
+    """Distil with DSA; `dsa` (the augmentation parameters) is required. `debias`: debiased real-side
+    targets (None = plain DSA)."""
     if dsa is None:
         raise ValueError("dsa: the DSA method needs a DSAConfig (the `dsa` params section)")
     return run_gradient_matching(
@@ -55,4 +57,5 @@ def distill(
         checkpoint_every,
         progress,
         desc="dsa",
+        debias=debias,
     )

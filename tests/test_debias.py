@@ -1,0 +1,398 @@
+"""Biased dataset distillation (issue 6) on a tiny planted set: weights, samplers, bounded repulsion, the
+biased model, the bias classifier and the amplification diagnostic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from biasdd import debias
+from biasdd.augment import DSAConfig
+from biasdd.config import from_dict
+from biasdd.distill import CONFIGS, METHODS, DebiasTargets, common, dc, dm
+from biasdd.nets import build_network
+
+K, CHANNELS, SIZE, WIDTH = 3, 3, 16, 8
+
+TINY = {
+    "dc": dict(
+        ipc=2,
+        iterations=3,
+        outer_loop=2,
+        inner_loop=1,
+        lr_img=0.1,
+        momentum_img=0.5,
+        lr_net=0.01,
+        batch_real=8,
+        batch_train=4,
+        init="noise",
+    ),
+    "dsa": dict(
+        ipc=2,
+        iterations=3,
+        outer_loop=2,
+        inner_loop=1,
+        lr_img=0.1,
+        momentum_img=0.5,
+        lr_net=0.01,
+        batch_real=8,
+        batch_train=4,
+        init="real",
+    ),
+    "dm": dict(ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real"),
+}
+DSA = DSAConfig(
+    strategy="color_crop_cutout_flip_scale_rotate",
+    ratio_crop_pad=0.125,
+    ratio_cutout=0.5,
+    ratio_scale=1.2,
+    ratio_rotate=15.0,
+    brightness=1.0,
+    saturation=2.0,
+    contrast=0.5,
+)
+DEBIAS = dict(mode="groups", repulsion=0.0, max_shift=1.0, score_floor=0.01, score_power=1.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def net_factory(generator: torch.Generator) -> torch.nn.Module:
+    return build_network("convnet3", CHANNELS, K, SIZE, width=WIDTH, generator=generator)
+
+
+def planted(per_group: list[int], seed: int = 0):
+    """K classes; class c holds per_group[0] images with attribute c (aligned) and per_group[1 + j] with
+    the j-th other attribute. Content: a faint class-specific bar; bias: a strong attribute colour."""
+    generator = torch.Generator().manual_seed(seed)
+    labels, attributes = [], []
+    for c in range(K):
+        others = [a for a in range(K) if a != c]
+        for count, attribute in zip(per_group, [c, *others], strict=True):
+            labels += [c] * count
+            attributes += [attribute] * count
+    labels_t, attributes_t = torch.tensor(labels), torch.tensor(attributes)
+    colours = torch.tensor([[2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.0]]).view(K, CHANNELS, 1, 1)
+    bars = torch.zeros(K, 1, SIZE, SIZE)
+    for c in range(K):
+        bars[c, :, 4 * c + 2 : 4 * c + 5, :] = 1.0
+    noise = 0.5 * torch.randn(len(labels), CHANNELS, SIZE, SIZE, generator=generator)
+    images = colours[attributes_t] * (0.6 + 0.4 * bars[labels_t]) + noise
+    order = torch.randperm(len(labels), generator=generator)
+    return images[order], labels_t[order], attributes_t[order]
+
+
+@pytest.fixture(scope="module")
+def biased_set():
+    return planted([36, 3, 3])  # bias ratio 0.857 per class
+
+
+@pytest.fixture(scope="module")
+def balanced_set():
+    return planted([4, 4, 4])  # every (class, attribute) group equally large
+
+
+def run(method, images, labels, debias_targets=None, seed=0, **overrides):
+    extra = {k: overrides.pop(k) for k in ("resume", "on_checkpoint", "checkpoint_every") if k in overrides}
+    cfg = CONFIGS[method](**{**TINY[method], **overrides})
+    return METHODS[method](
+        images,
+        labels,
+        K,
+        cfg,
+        net_factory,
+        torch.Generator().manual_seed(seed),
+        dsa=DSA,
+        progress=False,
+        debias=debias_targets,
+        **extra,
+    )
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    pos, neg = scores[positive].double(), scores[~positive].double()
+    return float((pos.view(-1, 1) > neg.view(1, -1)).double().mean())
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_validation():
+    assert from_dict(debias.DebiasConfig, DEBIAS, "debias") == debias.DebiasConfig(**DEBIAS)
+    with pytest.raises(ValueError, match=r"debias\.mode.*\['none', 'groups', 'inferred'\]"):
+        from_dict(debias.DebiasConfig, {**DEBIAS, "mode": "labels"}, "debias")
+    with pytest.raises(ValueError, match=r"debias\.mode.*\['none', 'groups', 'inferred'\]"):
+        debias.DebiasConfig(**{**DEBIAS, "mode": "labels"})
+    with pytest.raises(ValueError, match=r"debias\.repulsion"):
+        debias.DebiasConfig(**{**DEBIAS, "repulsion": -0.1})
+    with pytest.raises(ValueError, match=r"debias\.repulsion.*'groups' or 'inferred'"):
+        debias.DebiasConfig(**{**DEBIAS, "mode": "none", "repulsion": 0.5})
+    with pytest.raises(ValueError, match=r"debias\.score_floor"):
+        debias.DebiasConfig(**{**DEBIAS, "score_floor": 0.0})
+    with pytest.raises(ValueError, match=r"debias\.max_shift"):
+        debias.DebiasConfig(**{**DEBIAS, "max_shift": 0})
+    with pytest.raises(KeyError, match="unknown"):
+        from_dict(debias.DebiasConfig, {**DEBIAS, "lambda": 0.5}, "debias")
+    model = dict(gce_q=0.7, steps=10, batch_size=8, lr=1e-3, width=8, batch_score=64)
+    assert from_dict(debias.BiasModelConfig, model, "bias_model").gce_q == 0.7
+    with pytest.raises(ValueError, match=r"bias_model\.gce_q"):
+        debias.BiasModelConfig(**{**model, "gce_q": 0.0})
+    with pytest.raises(ValueError, match=r"bias_model\.steps"):
+        from_dict(debias.BiasModelConfig, {**model, "steps": 2.5}, "bias_model")
+    classifier = dict(steps=10, batch_size=8, lr=1e-3, width=8, reference_limit=100)
+    with pytest.raises(ValueError, match=r"bias_classifier\.lr"):
+        debias.BiasClassifierConfig(**{**classifier, "lr": 0})
+    with pytest.raises(ValueError, match="aligned_weights"):
+        DebiasTargets(weights=None, aligned_weights=None, repulsion=0.5)
+
+
+def test_none_mode_gives_no_targets(biased_set):
+    _, labels, attributes = biased_set
+    cfg = debias.DebiasConfig(**{**DEBIAS, "mode": "none"})
+    assert debias.debias_targets(cfg, labels, K, attributes=attributes) is None
+
+
+# --- weights and samplers -----------------------------------------------------------------------------
+
+
+def test_group_weights_balance_every_group(biased_set):
+    _, labels, attributes = biased_set
+    weights = debias.group_weights(labels, attributes, K)
+    for c in range(K):
+        totals = [float(weights[(labels == c) & (attributes == a)].sum()) for a in range(K)]
+        assert totals == pytest.approx([1.0] * K)
+    aligned = debias.aligned_from_attributes(labels, attributes)
+    assert torch.equal(aligned.bool(), attributes == labels)
+    with pytest.raises(ValueError, match="attributes must lie"):
+        debias.group_weights(labels, attributes + K, K)
+
+
+def test_weighted_sampler_draws_in_proportion():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    weights = torch.tensor([1.0, 3.0, 0.0, 1.0, 1.0, 1.0, 5.0])
+    sampler = common.WeightedClassSampler(labels, weights, 2)
+    generator = torch.Generator().manual_seed(0)
+    picks = sampler.sample(4000, generator).view(2, 4000)
+    assert (labels[picks[0]] == 0).all() and (labels[picks[1]] == 1).all()
+    assert not (picks[0] == 2).any()  # zero weight: never drawn
+    share = (picks[0] == 1).double().mean()
+    assert abs(float(share) - 0.75) < 0.03
+    assert abs(float((picks[1] == 6).double().mean()) - 0.625) < 0.03
+    distinct = sampler.sample_distinct(2, generator).view(2, 2)
+    assert set(distinct[0].tolist()) == {0, 1} and len(set(distinct[1].tolist())) == 2
+    aligned = common.WeightedClassSampler(labels, torch.tensor([1.0, 0, 0, 0, 0, 0, 0]), 2)
+    assert aligned.valid.tolist() == [True, False]  # class 1 has no aligned weight: masked
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        common.WeightedClassSampler(labels, -weights, 2)
+
+
+def test_uniform_weights_take_the_plain_sampler(balanced_set):
+    _, labels, attributes = balanced_set
+    weights = debias.group_weights(labels, attributes, K)
+    assert common.weights_uniform_per_class(weights, labels, K)
+    sampler = common.ClassSampler(labels, K)
+    sampling = common.real_sampling(sampler, labels, K, DebiasTargets(weights=weights))
+    assert sampling.target is sampler and sampling.init is sampler and sampling.aligned is None
+
+
+# --- the biased model ---------------------------------------------------------------------------------
+
+
+def test_inferred_weights_rank_conflicting_above_aligned(biased_set):
+    images, labels, attributes = biased_set
+    cfg = debias.BiasModelConfig(gce_q=0.7, steps=60, batch_size=32, lr=3e-3, width=WIDTH, batch_score=256)
+    scores = debias.train_biased_model(
+        images, labels, cfg, net_factory, torch.Generator().manual_seed(0), False
+    )
+    assert scores.shape == labels.shape and scores.dtype == torch.float32
+    assert ((scores >= 0) & (scores <= 1)).all()
+    conflicting = attributes != labels
+    assert auroc(scores, conflicting) > 0.9
+    targets = debias.debias_targets(
+        debias.DebiasConfig(**{**DEBIAS, "mode": "inferred", "repulsion": 0.5}), labels, K, scores=scores
+    )
+    assert targets is not None and targets.aligned_weights is not None
+    assert targets.weights[conflicting].mean() > 5 * targets.weights[~conflicting].mean()
+    assert targets.aligned_weights[~conflicting].mean() > 1.5 * targets.aligned_weights[conflicting].mean()
+    again = debias.train_biased_model(
+        images, labels, cfg, net_factory, torch.Generator().manual_seed(0), False
+    )
+    assert torch.equal(scores, again)
+
+
+def test_gce_loss_matches_formula_and_favours_easy_samples():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 0])
+    loss = debias.gce_loss(logits, targets, 0.7)
+    p = logits.detach().softmax(1)[:, 0]
+    assert float(loss.detach()) == pytest.approx(float(((1 - p**0.7) / 0.7).mean()), rel=1e-6)
+    # Per-sample gradient = p ** q * CE gradient: relative to CE, the confident sample weighs more.
+    (grad_gce,) = torch.autograd.grad(loss, logits)
+    ce = torch.nn.functional.cross_entropy(logits, targets)
+    (grad_ce,) = torch.autograd.grad(ce, logits)
+    ratio = grad_gce[:, 0] / grad_ce[:, 0]
+    assert ratio[0] > ratio[1]
+    assert torch.allclose(ratio, p**0.7, rtol=1e-5)
+
+
+# --- methods with debiased targets --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_groups_on_balanced_set_with_lambda_zero_is_none(method, balanced_set):
+    images, labels, attributes = balanced_set
+    targets = debias.debias_targets(debias.DebiasConfig(**DEBIAS), labels, K, attributes=attributes)
+    assert targets is not None and targets.weights is not None
+    plain = run(method, images, labels)
+    grouped = run(method, images, labels, targets)
+    assert torch.equal(plain.images, grouped.images)
+    assert plain.losses == grouped.losses
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_groups_on_biased_set_changes_the_result(method, biased_set):
+    images, labels, attributes = biased_set
+    targets = debias.debias_targets(debias.DebiasConfig(**DEBIAS), labels, K, attributes=attributes)
+    assert not torch.equal(run(method, images, labels).images, run(method, images, labels, targets).images)
+
+
+# (method, mode, repulsion): iterations, lr_img, window where the loss falls clearly from noise init.
+LOSS_FALL = {"dc": (20, 3.0, 5), "dsa": (40, 3.0, 8), "dm": (60, 10.0, 10)}
+MODE_CASES = [
+    ("dm", "groups", 0.0),
+    ("dm", "groups", 0.5),
+    ("dm", "inferred", 0.5),
+    ("dc", "groups", 0.5),
+    ("dc", "inferred", 0.0),
+]
+
+
+@pytest.mark.parametrize(("method", "mode", "repulsion"), MODE_CASES)
+def test_each_mode_lowers_its_own_loss(method, mode, repulsion, biased_set):
+    images, labels, attributes = biased_set
+    scores = (attributes != labels).float() * 0.9 + 0.05  # an ideal biased model's scores
+    cfg = debias.DebiasConfig(**{**DEBIAS, "mode": mode, "repulsion": repulsion})
+    targets = debias.debias_targets(cfg, labels, K, attributes=attributes, scores=scores)
+    iterations, lr_img, window = LOSS_FALL[method]
+    losses = run(method, images, labels, targets, iterations=iterations, lr_img=lr_img, init="noise").losses
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    assert last < first - 0.05 * abs(first), (first, last)
+
+
+@pytest.mark.parametrize("method", ["dc", "dm"])
+def test_resume_with_debias_is_bit_identical(method, biased_set):
+    images, labels, attributes = biased_set
+    cfg = debias.DebiasConfig(**{**DEBIAS, "repulsion": 0.5})
+    targets = debias.debias_targets(cfg, labels, K, attributes=attributes)
+    states: list[dict] = []
+    full = run(method, images, labels, targets, iterations=4, on_checkpoint=states.append, checkpoint_every=2)
+    resumed = run(method, images, labels, targets, seed=7, iterations=4, resume=states[0])
+    assert torch.equal(full.images, resumed.images) and full.losses == resumed.losses
+
+
+def test_dm_repulsion_is_capped_and_bounded():
+    generator = torch.Generator().manual_seed(0)
+    net = net_factory(generator).double().requires_grad_(False)
+    real = torch.randn(K, 6, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    aligned = real + 0.5
+    near = torch.randn(K, 2, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        mu_g = net.embed(real.flatten(0, 1)).view(K, 6, -1).mean(1)
+        mu_b = net.embed(aligned.flatten(0, 1)).view(K, 6, -1).mean(1)
+        cap = (2.0**2 * ((mu_g - mu_b) ** 2).sum(1)).sum()
+    # lambda 0 equals the plain loss; a huge lambda stays above -lambda * cap
+    plain = dm.embedding_loss(net, real, near)
+    zero = dm.debiased_embedding_loss(net, real, near, aligned, 0.0, 1.0)
+    assert float(zero) == pytest.approx(float(plain), rel=1e-12)
+    for far in (near, near * 100, near * 1e4):
+        loss = dm.debiased_embedding_loss(net, real, far, aligned, 1e3, 1.0)
+        assert float(loss) >= -1e3 * float(cap) * (1 + 1e-9)
+    # far beyond the cap the repulsion has no gradient: only attraction pulls back
+    far = (near * 1e4).requires_grad_(True)
+    dm.debiased_embedding_loss(net, real, far, aligned, 1e3, 1.0).backward()
+    far_plain = (near * 1e4).requires_grad_(True)
+    dm.embedding_loss(net, real, far_plain).backward()
+    assert torch.allclose(far.grad, far_plain.grad)
+    # an invalid class drops its repulsion
+    valid = torch.tensor([True, False, True])
+    masked = dm.debiased_embedding_loss(net, real, near, aligned, 1.0, 1.0, valid)
+    assert float(masked) > float(dm.debiased_embedding_loss(net, real, near, aligned, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("method", ["dc", "dm"])
+def test_large_lambda_stays_bounded_over_iterations(method, biased_set):
+    images, labels, attributes = biased_set
+    targets = debias.debias_targets(
+        debias.DebiasConfig(**{**DEBIAS, "repulsion": 50.0}), labels, K, attributes=attributes
+    )
+    iterations = 30
+    result = run(method, images, labels, targets, iterations=iterations, init="real")
+    losses = torch.tensor(result.losses)
+    assert torch.isfinite(result.images).all() and torch.isfinite(losses).all()
+    assert result.images.abs().max() < 50 * images.abs().max()
+    if method == "dc":  # per class 0 <= D <= 2 R: loss per class >= -2 R lambda
+        rows = sum(p.shape[0] for p in net_factory(torch.Generator()).parameters() if p.ndim > 1)
+        assert float(losses.min()) >= -2 * rows * 50.0
+
+
+def test_dc_debiased_loss_with_zero_repulsion_equals_matching_loss():
+    generator = torch.Generator().manual_seed(1)
+    net = net_factory(generator).double()
+    real = torch.randn(K, 6, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    syn = torch.randn(K, 2, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    class_gradients = dc.ClassGradients(batched=False)
+    plain = dc.matching_loss(net, real, syn, class_gradients)
+    debiased = dc.debiased_matching_loss(net, real, syn, real + 1, 0.0, None, class_gradients)
+    assert float(debiased.detach()) == pytest.approx(float(plain.detach()), rel=1e-10)
+    same = dc.debiased_matching_loss(net, real, syn, real, 1.0, None, class_gradients)
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-9)  # A_g == A_b: the two terms cancel
+
+
+# --- bias classifier and amplification ----------------------------------------------------------------
+
+
+def test_bias_classifier_learns_the_attribute_and_amplification(biased_set):
+    images, labels, attributes = biased_set
+    cfg = debias.BiasClassifierConfig(steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000)
+    classifier = debias.train_bias_classifier(
+        images, labels, attributes, K, cfg, net_factory, torch.Generator().manual_seed(0), False
+    )
+    test_images, test_labels, test_attributes = planted([4, 4, 4], seed=1)
+    assert debias.attribute_accuracy(classifier, test_images, test_attributes) > 0.9
+    aligned_images, aligned_labels, _ = planted([6, 0, 0], seed=2)  # every image aligned
+    share = debias.bias_amplification(classifier, aligned_images, aligned_labels, K)
+    assert share["mean"] > 0.9 and len(share["per_class"]) == K
+    mixed = debias.bias_amplification(classifier, test_images, test_labels, K)  # 1/3 aligned
+    assert 0.1 < mixed["mean"] < 0.6
+    reference = debias.bias_amplification(classifier, images, labels, K)
+    assert reference["mean"] == pytest.approx(36 / 42, abs=0.1)  # about the bias ratio
+
+
+def test_aligned_share_and_summary_exact():
+    predicted = torch.tensor([0, 0, 1, 2, 2, 0])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    share = debias.aligned_share(predicted, labels, 4)
+    assert share["per_class"] == [1.0, 0.5, 0.5, None]
+    assert share["mean"] == pytest.approx(2 / 3)
+    summary = debias.summarise_amplification(
+        [share, {"per_class": [0.0, 0.5, 0.5, None], "mean": 1 / 3}], 0.5
+    )
+    assert summary["aligned_share"]["mean"] == pytest.approx(0.5)
+    assert summary["aligned_share"]["std"] == pytest.approx(1 / 6)
+    assert summary["aligned_share_per_class"] == [0.5, 0.5, 0.5, None]
+    assert summary["amplification"] == pytest.approx(0.0)
+    assert debias.strided_subset(10, 3).tolist() == [0, 4, 9]  # spread, not a prefix
+    assert debias.strided_subset(3, 10).tolist() == [0, 1, 2]
+
+
+def test_configs_are_frozen():
+    cfg = debias.DebiasConfig(**DEBIAS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.mode = "none"  # type: ignore[misc]
