@@ -54,6 +54,7 @@ def time_training(
     width: int,
     device: torch.device,
     compile_forward: bool = False,
+    batched: bool | None = None,
 ) -> float:
     """Seconds to train `nets` networks for `epochs` epochs (after a one-epoch warm-up)."""
     g = torch.Generator().manual_seed(0)
@@ -76,7 +77,14 @@ def time_training(
         )
         generators = [torch.Generator().manual_seed(s) for s in range(nets)]
         ensemble = train_networks(
-            images, labels, factory, cfg, generators, progress=False, compile_forward=compile_forward
+            images,
+            labels,
+            factory,
+            cfg,
+            generators,
+            progress=False,
+            compile_forward=compile_forward,
+            batched=batched,
         )
         assert ensemble.train_loss is not None
         ensemble.train_loss.sum().item()  # wait for the device
@@ -101,6 +109,12 @@ def main() -> None:
     parser.add_argument("--full-n", type=int, default=60_000, help="training-set size in (b)")
     parser.add_argument("--full-nets", type=int, default=1, help="networks trained at once in (b)")
     parser.add_argument("--compile", action="store_true", help="compile the vmapped forward")
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "vmapped", "one-by-one"],
+        default="auto",
+        help="auto = the library's default: vmapped on accelerators, one network after another on the CPU",
+    )
     parser.add_argument("--skip-full", action="store_true", help="time (a) only")
     args = parser.parse_args()
 
@@ -113,21 +127,27 @@ def main() -> None:
     print("| work | device | settings | measured | projected |")
     print("|---|---|---|---|---|")
 
-    seconds = time_training(SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device, args.compile)
+    batched = {"auto": None, "vmapped": True, "one-by-one": False}[args.mode]
+    how = {True: "vmapped at once", False: "one after another"}[
+        batched if batched is not None else device.type != "cpu"
+    ]
+    seconds = time_training(
+        SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device, args.compile, batched
+    )
     per_epoch = seconds / args.epochs
     print(
-        f"| (a) synthetic set, {args.nets} nets at once | {name} | N={SYNTHETIC_N} 3x32x32, width "
+        f"| (a) synthetic set, {args.nets} nets {how} | {name} | N={SYNTHETIC_N} 3x32x32, width "
         f"{args.width}, batch 256, {args.epochs} epochs | {seconds:.2f} s ({1e3 * per_epoch:.1f} ms/epoch, "
         f"{1e3 * per_epoch / args.nets:.1f} ms/epoch/net) | {PROTOCOL_EPOCHS_SYNTHETIC} epochs: "
         f"{PROTOCOL_EPOCHS_SYNTHETIC * per_epoch:.1f} s for {args.nets} nets |"
     )
     if not args.skip_full:
         seconds = time_training(
-            args.full_n, 28, args.full_nets, args.full_epochs, args.width, device, args.compile
+            args.full_n, 28, args.full_nets, args.full_epochs, args.width, device, args.compile, batched
         )
         per_epoch_per_net = seconds / args.full_epochs / args.full_nets
         print(
-            f"| (b) full set, {args.full_nets} net(s) at once | {name} | N={args.full_n} 3x28x28, width "
+            f"| (b) full set, {args.full_nets} net(s) {how} | {name} | N={args.full_n} 3x28x28, width "
             f"{args.width}, batch 256, {args.full_epochs} epoch(s) | {per_epoch_per_net:.2f} s/epoch/net | "
             f"{PROTOCOL_EPOCHS_FULL} epochs: {PROTOCOL_EPOCHS_FULL * per_epoch_per_net / 60:.1f} min/net "
             f"(x {60_000 / args.full_n:.1f} for N=60,000 if reduced) |"
