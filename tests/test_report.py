@@ -142,6 +142,18 @@ def test_table2_from_dm_only_experiments(tmp_path):
     assert table1["DM"]["CMNIST-DD rho=1"] == ""  # severity != 4 is not Table 1's
 
 
+def test_debiased_experiments_stay_out_of_the_study_tables(caplog):
+    # regression: a `debias.mode=groups` experiment filled the DM cell of Table 1 with its (debiased) number
+    plain = _row("c" * 40, "plain", "2026-01-02T10:00:00", _all(0.3))
+    debiased = _row(
+        "d" * 40, "dm-groups", "2026-01-03T10:00:00", _all(0.9), params={"debias": {"mode": "groups"}}
+    )
+    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+        assert report.cells_from_row(debiased) == []
+    assert "debias.mode=groups" in caplog.text
+    assert report.cells_from_row(plain)
+
+
 def test_newest_wins_and_says_so(tmp_path, caplog):
     old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3, bias_ratio=0.8))
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4, bias_ratio=0.8))

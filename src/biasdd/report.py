@@ -145,6 +145,10 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
     if source != WORKSPACE and row.get("rev") and row.get("name"):
         source = f"{row['name']} ({row['rev'][:7]})"
     timestamp = _timestamp(data.get("timestamp"))
+    debias = (params.get("debias") or {}).get("mode", "none")
+    if debias != "none":  # the study's tables are plain DC/DSA/DM: a debiased run is another method
+        log.info("%s: skipped (debias.mode=%s; Tables 1-2 report the study's methods)", source, debias)
+        return []
     cells = []
     for path in sorted(metrics):
         name = Path(path).stem
