@@ -9,50 +9,14 @@ import pytest
 import torch
 
 from biasdd import debias
-from biasdd.augment import DSAConfig
 from biasdd.config import from_dict
 from biasdd.distill import CONFIGS, METHODS, DebiasTargets, common, dc, dm
 from biasdd.nets import build_network
 
 K, CHANNELS, SIZE, WIDTH = 3, 3, 16, 8
 
-TINY = {
-    "dc": dict(
-        ipc=2,
-        iterations=3,
-        outer_loop=2,
-        inner_loop=1,
-        lr_img=0.1,
-        momentum_img=0.5,
-        lr_net=0.01,
-        batch_real=8,
-        batch_train=4,
-        init="noise",
-    ),
-    "dsa": dict(
-        ipc=2,
-        iterations=3,
-        outer_loop=2,
-        inner_loop=1,
-        lr_img=0.1,
-        momentum_img=0.5,
-        lr_net=0.01,
-        batch_real=8,
-        batch_train=4,
-        init="real",
-    ),
-    "dm": dict(ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real"),
-}
-DSA = DSAConfig(
-    strategy="color_crop_cutout_flip_scale_rotate",
-    ratio_crop_pad=0.125,
-    ratio_cutout=0.5,
-    ratio_scale=1.2,
-    ratio_rotate=15.0,
-    brightness=1.0,
-    saturation=2.0,
-    contrast=0.5,
-)
+from .test_distill import DSA, TINY  # noqa: E402  (one tiny config for both test files)
+
 DEBIAS = dict(mode="groups", repulsion=0.0, max_shift=1.0, score_floor=0.01, score_power=1.0)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from biasdd import sources
+from biasdd.io import md5_file
 from biasdd.sources import DownloadConfig, SourceError, load_base
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded"
@@ -67,7 +68,7 @@ def test_cifar_batches_and_archive(fake_cifar, monkeypatch, tmp_path):
     archive = archive_root / sources.CIFAR10_ARCHIVE[0]
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root / sources.CIFAR10_DIR, arcname=sources.CIFAR10_DIR)
-    from_archive = sources.load_cifar(archive, archive_md5=sources.md5_of(archive))
+    from_archive = sources.load_cifar(archive, archive_md5=md5_file(archive))
     np.testing.assert_array_equal(from_archive[0], arrays["train_images"])
     with pytest.raises(SourceError, match="cifar-10-python.tar.gz: MD5 mismatch"):
         sources.load_cifar(archive)

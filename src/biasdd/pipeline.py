@@ -131,10 +131,6 @@ def train_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return stats["mean"], stats["std"]
 
 
-def file_digest(path: Path) -> str:
-    return io.md5_file(path)
-
-
 # --- distillation ---------------------------------------------------------------------------------
 
 
@@ -221,9 +217,9 @@ def run_distill(
     labels = train.labels.to(setup.run.device)
     channels, im_size = images.shape[1], images.shape[-1]
     targets = debias_targets_for(setup, train, labels, bias_model_path)
-    identity = {**setup.provenance(), "data": file_digest(data_path)}
+    identity = {**setup.provenance(), "data": io.md5_file(data_path)}
     if setup.debias.mode == "inferred" and bias_model_path is not None:
-        identity["bias_model"] = file_digest(bias_model_path)
+        identity["bias_model"] = io.md5_file(bias_model_path)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     results = []
     for repeat in range(setup.repeats):

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from biasdd.config import from_dict
+from biasdd.io import md5_file
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,8 @@ class BaseDataset:
     source: str  # where it came from, for provenance
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_md5(path: Path, expected: str) -> None:
-    actual = md5_of(path)
+    actual = md5_file(path)
     if actual != expected:
         raise SourceError(
             f"{path}: MD5 mismatch (expected {expected}, got {actual}); the file is corrupt or not the "
