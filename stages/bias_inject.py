@@ -1,4 +1,4 @@
-"""Stage `bias_inject`: CMNIST-DD / CCIFAR10-DD (PROTOCOL sections 2-4) from the base dataset.
+"""Stage `bias_inject`: CMNIST-DD / CCIFAR10-DD (docs/protocol.md §2-4) from the base dataset.
 
     python stages/bias_inject.py --params params.yaml --base data/base.h5 --out data/biased.h5
 
@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from biasdd import io
 from biasdd.bias import BiasConfig, CMNISTConfig, build_biased, default_workers
-from biasdd.config import from_dict, load_params, setup_logging
+from biasdd.config import from_dict, load_params, section, setup_logging
+from biasdd.errors import ArtifactError, run_stage
+
+
+def configure(params: Mapping[str, Any], item: str | None = None) -> tuple[BiasConfig, CMNISTConfig | None]:
+    """Every param this stage reads, checked: the dataset keys, and the colours for CMNIST-DD."""
+    cfg = BiasConfig.from_params(params)
+    cmnist = from_dict(CMNISTConfig, section(params, "cmnist"), "cmnist") if cfg.dataset == "cmnist" else None
+    return cfg, cmnist
 
 
 def main() -> None:
@@ -23,17 +33,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     setup_logging()
-    params = load_params(args.params)
-    cfg = BiasConfig.from_params(params)
-    cmnist = from_dict(CMNISTConfig, params["cmnist"], "cmnist") if cfg.dataset == "cmnist" else None
-    base_attrs = io.read_attrs(args.base)
+    cfg, cmnist = configure(load_params(args.params))
+    io.check_artifact(args.base, "base")
+    base_attrs = io.read_attrs(args.base, kind="base")
     if base_attrs.get("dataset") != cfg.dataset:
-        raise ValueError(
+        raise ArtifactError(
             f"{args.base} holds dataset {base_attrs.get('dataset')!r} but params say {cfg.dataset!r}: "
-            "re-run the download stage (dvc repro does it)"
+            "rebuild it with `dvc repro download`"
         )
-    train = io.read_h5(args.base, "train")
-    test = io.read_h5(args.base, "test")
+    train = io.read_h5(args.base, "train", kind="base")
+    test = io.read_h5(args.base, "test", kind="base")
     splits = build_biased(
         train["images"],
         train["labels"],
@@ -49,8 +58,8 @@ def main() -> None:
         "code_version": io.code_version(),
         **dataclasses.asdict(cfg),
     }
-    io.write_h5(args.out, splits, provenance)
+    io.write_h5(args.out, splits, provenance, kind="biased")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "bias_inject")

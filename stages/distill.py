@@ -11,11 +11,18 @@ GPU. Checkpoints every `distill.checkpoint_every` iterations; a killed run resum
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from biasdd import io
+from biasdd import distillation, io
 from biasdd.config import load_params, setup_logging
-from biasdd.pipeline import distill_setup, loss_table, run_distill, synthetic_groups
+from biasdd.errors import run_stage
+
+
+def configure(params: Mapping[str, Any], item: str | None = None) -> distillation.DistillSetup:
+    """Every param this stage reads, checked (`item` = the method)."""
+    return distillation.configure(params, str(item))
 
 
 def main() -> None:
@@ -26,14 +33,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--loss", required=True, type=Path)
     parser.add_argument("--checkpoints", required=True, type=Path)
-    parser.add_argument(
-        "--bias-model", type=Path, help="the bias_model stage's scores (debias.mode inferred)"
-    )
+    parser.add_argument("--bias-model", type=Path, help="the bias_model stage's scores (debias.mode inferred)")
     args = parser.parse_args()
     setup_logging()
-    setup = distill_setup(load_params(args.params), args.method)  # validates before any work
-    results, mean, std = run_distill(setup, args.data, args.checkpoints, bias_model_path=args.bias_model)
-    data_attrs = io.read_attrs(args.data)
+    setup = configure(load_params(args.params), args.method)  # validates before any work
+    io.check_artifact(args.data, "biased")
+    bias_model = args.bias_model if setup.debias.mode == "inferred" else None
+    if bias_model is not None:
+        io.check_artifact(bias_model, "bias_model")
+    results, mean, std = distillation.run(setup, args.data, args.checkpoints, bias_model_path=bias_model)
+    data_attrs = io.read_attrs(args.data, kind="biased")
     provenance = {
         **setup.provenance(),
         "device": setup.run.device,
@@ -41,11 +50,11 @@ def main() -> None:
         "severity": data_attrs.get("severity"),
         "code_version": io.code_version(),
     }
-    io.write_h5(args.out, synthetic_groups(results, mean, std), provenance)
-    io.write_text(args.loss, loss_table(results))
-    for repeat in range(setup.repeats):  # done: the checkpoints are spent
-        (args.checkpoints / f"{setup.method}_repeat{repeat}.pt").unlink(missing_ok=True)
+    io.write_h5(args.out, distillation.synthetic_groups(results, mean, std), provenance, kind="synthetic")
+    io.write_text(args.loss, distillation.loss_table(results))
+    for repeat in range(setup.shared.repeats):  # done: the checkpoints are spent
+        distillation.checkpoint_path(args.checkpoints, setup.method, repeat).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "distill")

@@ -8,11 +8,19 @@ Cost: a few seconds for MNIST from the embedded copy; CIFAR-10 needs a mirror or
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from biasdd import io
 from biasdd.config import load_params, setup_logging
+from biasdd.errors import run_stage
 from biasdd.sources import DownloadConfig, base_groups, load_base
+
+
+def configure(params: Mapping[str, Any], item: str | None = None) -> DownloadConfig:
+    """Every param this stage reads, checked."""
+    return DownloadConfig.from_params(params)
 
 
 def main() -> None:
@@ -22,12 +30,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     setup_logging()
-    params = load_params(args.params)
-    cfg = DownloadConfig.from_params(params)  # validates everything before any work
+    cfg = configure(load_params(args.params))  # validates everything before any work
     base = load_base(cfg.dataset, cfg.mirror, args.embedded, Path(cfg.cache_dir))
     groups, attrs = base_groups(base, cfg)
-    io.write_h5(args.out, groups, {**attrs, "code_version": io.code_version()})
+    io.write_h5(args.out, groups, {**attrs, "code_version": io.code_version()}, kind="base")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "download")

@@ -1,26 +1,33 @@
-"""Stage `evaluate@<name>`: train evaluation networks on the full biased set (`full`) or on a synthetic
-set (`dc`, `dsa`, `dm`) and score them on the unbiased test splits (PROTOCOL section 7).
+"""Stages `evaluate@<method>` and `evaluate_full`: train evaluation networks on a synthetic set (a
+method's) or on the full biased set (`full`), and score them on the unbiased test splits
+(docs/protocol.md §7).
 
-    python stages/evaluate.py --name full --params params.yaml --data data/biased.h5 \
-        --train data/biased.h5 --metrics metrics/full.json
     python stages/evaluate.py --name dm --params params.yaml --data data/biased.h5 \
-        --train data/synthetic/dm.h5 --metrics metrics/dm.json
+        --train data/synthetic/dm.h5 --bias-classifier data/bias_classifier.pt \
+        --metrics-conflicting metrics/test_conflicting/dm.json --metrics-uniform metrics/test_uniform/dm.json \
+        --metrics-bias metrics/bias/dm.json --details metrics/details/dm.json
+    python stages/evaluate.py --name full --train data/biased.h5 ...   # the full-set baseline
 
 `--data` holds the test splits (and the normalisation); `--train` the training set: the biased set
-itself for `full`, else the method's synthetic set.
-
-Cost: quick budget about a minute per stage on 2 CPU cores; paper budget seconds (synthetic, 3 networks
-batched) to a few minutes (full set) on one GPU.
+itself for `full`, else the method's synthetic set. Cost: quick budget under a minute per stage on 2
+CPU cores; paper budget seconds (synthetic, 3 networks batched) to minutes (full set) on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from biasdd import io
+from biasdd import evaluate, io
 from biasdd.config import load_params, setup_logging
-from biasdd.pipeline import evaluate_setup, run_evaluate
+from biasdd.errors import run_stage
+
+
+def configure(params: Mapping[str, Any], item: str | None = None) -> evaluate.EvalSetup:
+    """Every param this stage reads, checked (`item` = the method, or None for the full set)."""
+    return evaluate.configure(params, item or evaluate.FULL)
 
 
 def main() -> None:
@@ -29,22 +36,34 @@ def main() -> None:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--train", required=True, type=Path)
-    parser.add_argument("--metrics", required=True, type=Path)
-    parser.add_argument(
-        "--bias-classifier", type=Path, help="the bias-only classifier (amplification metrics)"
-    )
+    parser.add_argument("--bias-classifier", required=True, type=Path, help="for the amplification metrics")
+    parser.add_argument("--metrics-conflicting", required=True, type=Path, help="DVC metrics, test_conflicting")
+    parser.add_argument("--metrics-uniform", required=True, type=Path, help="DVC metrics, test_uniform")
+    parser.add_argument("--metrics-bias", required=True, type=Path, help="DVC metrics, bias amplification")
+    parser.add_argument("--details", required=True, type=Path, help="everything else (not a DVC metric)")
     args = parser.parse_args()
     setup_logging()
-    setup = evaluate_setup(load_params(args.params), args.name)  # validates before any work
-    metrics = run_evaluate(
-        setup,
-        args.data,
-        None if args.name == "full" else args.train,
-        bias_classifier_path=args.bias_classifier,
+    full = args.name == evaluate.FULL
+    setup = configure(load_params(args.params), None if full else args.name)  # validates before any work
+    io.check_artifact(args.data, "biased")
+    if not full:
+        io.check_artifact(args.train, "synthetic")
+    io.check_artifact(args.bias_classifier, "bias_classifier")
+    results = evaluate.run(
+        setup, args.data, None if full else args.train, bias_classifier_path=args.bias_classifier
     )
-    metrics["code_version"] = io.code_version()
-    io.write_json(args.metrics, metrics)
+    results["code_version"] = io.code_version()
+    files = evaluate.metrics_files(results)
+    name = setup.name
+    targets = {
+        f"test_conflicting/{name}.json": args.metrics_conflicting,
+        f"test_uniform/{name}.json": args.metrics_uniform,
+        f"bias/{name}.json": args.metrics_bias,
+        f"details/{name}.json": args.details,
+    }
+    for key, path in targets.items():
+        io.write_json(path, files[key])
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "evaluate")

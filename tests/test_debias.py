@@ -1,5 +1,5 @@
-"""Biased dataset distillation (issue 6) on a tiny planted set: weights, samplers, bounded repulsion, the
-biased model, the bias classifier and the amplification diagnostic."""
+"""Biased dataset distillation on a tiny planted set: weights, samplers, bounded repulsion, the biased
+model, the bias classifier and the amplification diagnostic."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from biasdd import debias
+from biasdd import amplification, bias_model, debias
 from biasdd.config import from_dict
-from biasdd.distill import CONFIGS, METHODS, DebiasTargets, common, dc, dm
+from biasdd.distill import METHODS, DebiasTargets, dc, dm, sampling
 from biasdd.nets import build_network
 
 K, CHANNELS, SIZE, WIDTH = 3, 3, 16, 8
@@ -65,7 +65,7 @@ def balanced_set():
 
 def run(method, images, labels, debias_targets=None, seed=0, **overrides):
     extra = {k: overrides.pop(k) for k in ("resume", "on_checkpoint", "checkpoint_every") if k in overrides}
-    cfg = CONFIGS[method](**{**TINY[method], **overrides})
+    cfg = METHODS[method].config(**{**TINY[method], **overrides})
     return METHODS[method](
         images,
         labels,
@@ -105,14 +105,14 @@ def test_config_validation():
     with pytest.raises(KeyError, match="unknown"):
         from_dict(debias.DebiasConfig, {**DEBIAS, "lambda": 0.5}, "debias")
     model = dict(gce_q=0.7, steps=10, batch_size=8, lr=1e-3, width=8, batch_score=64)
-    assert from_dict(debias.BiasModelConfig, model, "bias_model").gce_q == 0.7
+    assert from_dict(bias_model.BiasModelConfig, model, "bias_model").gce_q == 0.7
     with pytest.raises(ValueError, match=r"bias_model\.gce_q"):
-        debias.BiasModelConfig(**{**model, "gce_q": 0.0})
+        bias_model.BiasModelConfig(**{**model, "gce_q": 0.0})
     with pytest.raises(ValueError, match=r"bias_model\.steps"):
-        from_dict(debias.BiasModelConfig, {**model, "steps": 2.5}, "bias_model")
+        from_dict(bias_model.BiasModelConfig, {**model, "steps": 2.5}, "bias_model")
     classifier = dict(steps=10, batch_size=8, lr=1e-3, width=8, reference_limit=100)
     with pytest.raises(ValueError, match=r"bias_classifier\.lr"):
-        debias.BiasClassifierConfig(**{**classifier, "lr": 0})
+        amplification.BiasClassifierConfig(**{**classifier, "lr": 0})
     with pytest.raises(ValueError, match="aligned_weights"):
         DebiasTargets(weights=None, aligned_weights=None, repulsion=0.5)
 
@@ -141,7 +141,7 @@ def test_group_weights_balance_every_group(biased_set):
 def test_weighted_sampler_draws_in_proportion():
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     weights = torch.tensor([1.0, 3.0, 0.0, 1.0, 1.0, 1.0, 5.0])
-    sampler = common.WeightedClassSampler(labels, weights, 2)
+    sampler = sampling.WeightedClassSampler(labels, weights, 2)
     generator = torch.Generator().manual_seed(0)
     picks = sampler.sample(4000, generator).view(2, 4000)
     assert (labels[picks[0]] == 0).all() and (labels[picks[1]] == 1).all()
@@ -151,19 +151,19 @@ def test_weighted_sampler_draws_in_proportion():
     assert abs(float((picks[1] == 6).double().mean()) - 0.625) < 0.03
     distinct = sampler.sample_distinct(2, generator).view(2, 2)
     assert set(distinct[0].tolist()) == {0, 1} and len(set(distinct[1].tolist())) == 2
-    aligned = common.WeightedClassSampler(labels, torch.tensor([1.0, 0, 0, 0, 0, 0, 0]), 2)
+    aligned = sampling.WeightedClassSampler(labels, torch.tensor([1.0, 0, 0, 0, 0, 0, 0]), 2)
     assert aligned.valid.tolist() == [True, False]  # class 1 has no aligned weight: masked
     with pytest.raises(ValueError, match="finite and >= 0"):
-        common.WeightedClassSampler(labels, -weights, 2)
+        sampling.WeightedClassSampler(labels, -weights, 2)
 
 
 def test_uniform_weights_take_the_plain_sampler(balanced_set):
     _, labels, attributes = balanced_set
     weights = debias.group_weights(labels, attributes, K)
-    assert common.weights_uniform_per_class(weights, labels, K)
-    sampler = common.ClassSampler(labels, K)
-    sampling = common.real_sampling(sampler, labels, K, DebiasTargets(weights=weights))
-    assert sampling.target is sampler and sampling.init is sampler and sampling.aligned is None
+    assert sampling.weights_uniform_per_class(weights, labels, K)
+    sampler = sampling.ClassSampler(labels, K)
+    chosen = sampling.real_sampling(sampler, labels, K, DebiasTargets(weights=weights))
+    assert chosen.target is sampler and chosen.init is sampler and chosen.aligned is None
 
 
 # --- the biased model ---------------------------------------------------------------------------------
@@ -171,8 +171,8 @@ def test_uniform_weights_take_the_plain_sampler(balanced_set):
 
 def test_inferred_weights_rank_conflicting_above_aligned(biased_set):
     images, labels, attributes = biased_set
-    cfg = debias.BiasModelConfig(gce_q=0.7, steps=60, batch_size=32, lr=3e-3, width=WIDTH, batch_score=256)
-    scores = debias.train_biased_model(
+    cfg = bias_model.BiasModelConfig(gce_q=0.7, steps=60, batch_size=32, lr=3e-3, width=WIDTH, batch_score=256)
+    scores = bias_model.train_biased_model(
         images, labels, cfg, net_factory, torch.Generator().manual_seed(0), False
     )
     assert scores.shape == labels.shape and scores.dtype == torch.float32
@@ -185,7 +185,7 @@ def test_inferred_weights_rank_conflicting_above_aligned(biased_set):
     assert targets is not None and targets.aligned_weights is not None
     assert targets.weights[conflicting].mean() > 5 * targets.weights[~conflicting].mean()
     assert targets.aligned_weights[~conflicting].mean() > 1.5 * targets.aligned_weights[conflicting].mean()
-    again = debias.train_biased_model(
+    again = bias_model.train_biased_model(
         images, labels, cfg, net_factory, torch.Generator().manual_seed(0), False
     )
     assert torch.equal(scores, again)
@@ -194,7 +194,7 @@ def test_inferred_weights_rank_conflicting_above_aligned(biased_set):
 def test_gce_loss_matches_formula_and_favours_easy_samples():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
     targets = torch.tensor([0, 0])
-    loss = debias.gce_loss(logits, targets, 0.7)
+    loss = bias_model.gce_loss(logits, targets, 0.7)
     p = logits.detach().softmax(1)[:, 0]
     assert float(loss.detach()) == pytest.approx(float(((1 - p**0.7) / 0.7).mean()), rel=1e-6)
     # Per-sample gradient = p ** q * CE gradient: relative to CE, the confident sample weighs more.
@@ -324,36 +324,36 @@ def test_dc_debiased_loss_with_zero_repulsion_equals_matching_loss():
 
 def test_bias_classifier_learns_the_attribute_and_amplification(biased_set):
     images, labels, attributes = biased_set
-    cfg = debias.BiasClassifierConfig(steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000)
-    classifier = debias.train_bias_classifier(
+    cfg = amplification.BiasClassifierConfig(steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000)
+    classifier = amplification.train_bias_classifier(
         images, labels, attributes, K, cfg, net_factory, torch.Generator().manual_seed(0), False
     )
     test_images, test_labels, test_attributes = planted([4, 4, 4], seed=1)
-    assert debias.attribute_accuracy(classifier, test_images, test_attributes) > 0.9
+    assert amplification.attribute_accuracy(classifier, test_images, test_attributes) > 0.9
     aligned_images, aligned_labels, _ = planted([6, 0, 0], seed=2)  # every image aligned
-    share = debias.bias_amplification(classifier, aligned_images, aligned_labels, K)
+    share = amplification.bias_amplification(classifier, aligned_images, aligned_labels, K)
     assert share["mean"] > 0.9 and len(share["per_class"]) == K
-    mixed = debias.bias_amplification(classifier, test_images, test_labels, K)  # 1/3 aligned
+    mixed = amplification.bias_amplification(classifier, test_images, test_labels, K)  # 1/3 aligned
     assert 0.1 < mixed["mean"] < 0.6
-    reference = debias.bias_amplification(classifier, images, labels, K)
+    reference = amplification.bias_amplification(classifier, images, labels, K)
     assert reference["mean"] == pytest.approx(36 / 42, abs=0.1)  # about the bias ratio
 
 
 def test_aligned_share_and_summary_exact():
     predicted = torch.tensor([0, 0, 1, 2, 2, 0])
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    share = debias.aligned_share(predicted, labels, 4)
+    share = amplification.aligned_share(predicted, labels, 4)
     assert share["per_class"] == [1.0, 0.5, 0.5, None]
     assert share["mean"] == pytest.approx(2 / 3)
-    summary = debias.summarise_amplification(
+    summary = amplification.summarise_amplification(
         [share, {"per_class": [0.0, 0.5, 0.5, None], "mean": 1 / 3}], 0.5
     )
     assert summary["aligned_share"]["mean"] == pytest.approx(0.5)
     assert summary["aligned_share"]["std"] == pytest.approx(1 / 6)
     assert summary["aligned_share_per_class"] == [0.5, 0.5, 0.5, None]
     assert summary["amplification"] == pytest.approx(0.0)
-    assert debias.strided_subset(10, 3).tolist() == [0, 4, 9]  # spread, not a prefix
-    assert debias.strided_subset(3, 10).tolist() == [0, 1, 2]
+    assert amplification.strided_subset(10, 3).tolist() == [0, 4, 9]  # spread, not a prefix
+    assert amplification.strided_subset(3, 10).tolist() == [0, 1, 2]
 
 
 def test_configs_are_frozen():

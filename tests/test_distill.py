@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from biasdd.augment import DSAConfig
 from biasdd.config import from_dict
-from biasdd.distill import CONFIGS, METHODS, DistillResult, common, dc, dm
+from biasdd.distill import METHODS, DistillResult, dc, dm, driver, sampling
 from biasdd.nets import build_network
 
 NUM_CLASSES, CHANNELS, SIZE, PER_CLASS, WIDTH = 3, 3, 16, 12, 8
@@ -89,7 +89,7 @@ def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
         for k in ("resume", "on_checkpoint", "checkpoint_every", "debias")
         if k in overrides
     }
-    cfg = CONFIGS[method](**{**TINY[method], **overrides})
+    cfg = METHODS[method].config(**{**TINY[method], **overrides})
     generator = torch.Generator().manual_seed(seed)
     return METHODS[method](
         images, labels, NUM_CLASSES, cfg, net_factory, generator, dsa=DSA, progress=False, **extra
@@ -97,10 +97,10 @@ def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
 
 
 def test_registry_and_configs_agree():
-    assert set(METHODS) == set(CONFIGS) == {"dc", "dsa", "dm"}
-    for key, cls in CONFIGS.items():
-        assert dataclasses.is_dataclass(cls)
-        assert {f.name for f in dataclasses.fields(cls)} == set(TINY[key])
+    assert set(METHODS) == {"dc", "dsa", "dm"}
+    for key, method in METHODS.items():
+        assert method.name == key and dataclasses.is_dataclass(method.config)
+        assert {f.name for f in dataclasses.fields(method.config)} == set(TINY[key])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -163,7 +163,7 @@ def test_checkpoint_every_two(planted):
 
 def test_dsa_method_needs_dsa_config(planted):
     images, labels = planted
-    cfg = CONFIGS["dsa"](**TINY["dsa"])
+    cfg = METHODS["dsa"].config(**TINY["dsa"])
     with pytest.raises(ValueError, match="DSAConfig"):
         METHODS["dsa"](images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator(), progress=False)
 
@@ -237,8 +237,8 @@ def test_gradient_distance_ignores_vectors_and_counts_rows():
     weight = torch.randn(4, 3, 3, 3)
     bias = torch.randn(4)
     # identical gradients: 0; opposite: 2 per row (4 rows); biases never count
-    assert float(common.gradient_distance([weight, bias], [weight, -bias])) == pytest.approx(0, abs=1e-6)
-    assert float(common.gradient_distance([weight, bias], [-weight, bias])) == pytest.approx(8, rel=1e-5)
+    assert float(dc.gradient_distance([weight, bias], [weight, -bias])) == pytest.approx(0, abs=1e-6)
+    assert float(dc.gradient_distance([weight, bias], [-weight, bias])) == pytest.approx(8, rel=1e-5)
 
 
 # --- sampling and init ------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_gradient_distance_ignores_vectors_and_counts_rows():
 
 def test_class_sampler_without_then_with_replacement():
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 0, 1, 2, 0])  # counts 5, 3, 2
-    sampler = common.ClassSampler(labels, 3)
+    sampler = sampling.ClassSampler(labels, 3)
     generator = torch.Generator().manual_seed(0)
     picks = sampler.sample(3, generator).view(3, 3)
     for c in range(3):
@@ -255,15 +255,15 @@ def test_class_sampler_without_then_with_replacement():
     assert set(picks[2].tolist()) <= {3, 8}  # class 2 has only 2 images: drawn with replacement
     many = sampler.sample(4, generator).view(3, 4)
     assert len(set(many[0].tolist())) == 4
-    with pytest.raises(ValueError, match="no real images"):
-        common.ClassSampler(torch.tensor([0, 0, 2]), 3)
+    with pytest.raises(ValueError, match="have no images"):
+        sampling.ClassSampler(torch.tensor([0, 0, 2]), 3)
 
 
 def test_reinitialise_draws_default_init_range():
     net = net_factory(torch.Generator().manual_seed(0))
-    assert common.can_reinitialise(net)
+    assert driver.can_reinitialise(net)
     before = [p.clone() for p in net.parameters()]
-    common.reinitialise_(net, torch.Generator().manual_seed(1))
+    driver.reinitialise_(net, torch.Generator().manual_seed(1))
     conv = net.features[0]
     bound = 1 / (conv.weight[0].numel() ** 0.5)
     assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.8 * bound
@@ -274,9 +274,9 @@ def test_reinitialise_draws_default_init_range():
 # --- config validation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_config_validation(method):
-    cls = CONFIGS[method]
+    cls = METHODS[method].config
     assert from_dict(cls, TINY[method], f"distill.{method}") == cls(**TINY[method])
     with pytest.raises(ValueError, match=rf"distill\.{method}\.ipc"):
         cls(**{**TINY[method], "ipc": 0})
@@ -292,17 +292,17 @@ def test_config_validation(method):
         from_dict(cls, {**TINY[method], "iterations": 2.5}, f"distill.{method}")
 
 
-# --- debiased targets (issue 6; the rest lives in tests/test_debias.py) --------------------------------
+# --- debiased targets (the rest lives in tests/test_debias.py) -----------------------------------------
 
 
 def test_gradient_distance_per_class_sums_to_the_total():
     generator = torch.Generator().manual_seed(2)
     grads_syn = [torch.randn(NUM_CLASSES, 4, 3, 3, 3, generator=generator), torch.randn(NUM_CLASSES, 4)]
     grads_real = [torch.randn(NUM_CLASSES, 4, 3, 3, 3, generator=generator), torch.randn(NUM_CLASSES, 4)]
-    per_class = common.gradient_distance_per_class(grads_syn, grads_real)
+    per_class = dc.gradient_distance_per_class(grads_syn, grads_real)
     assert per_class.shape == (NUM_CLASSES,)
     assert ((per_class >= 0) & (per_class <= 2 * 4)).all()  # 4 rows, each 1 - cos in [0, 2]
-    total = common.gradient_distance(grads_syn, grads_real, leading=1)
+    total = dc.gradient_distance(grads_syn, grads_real, leading=1)
     assert float(per_class.sum()) == pytest.approx(float(total), rel=1e-6)
 
 
@@ -316,12 +316,12 @@ def test_weighted_init_draws_distinct_weighted_images(planted):
     weights = torch.zeros(len(labels))
     for c in range(NUM_CLASSES):
         weights[torch.nonzero(labels == c).squeeze(1)[:3]] = 1.0  # 3 images per class carry all weight
-    sampler = common.WeightedClassSampler(labels, weights, NUM_CLASSES)
+    sampler = sampling.WeightedClassSampler(labels, weights, NUM_CLASSES)
     generator = torch.Generator().manual_seed(0)
     picks = sampler.sample_distinct(3, generator).view(NUM_CLASSES, 3)
     for c in range(NUM_CLASSES):
         assert (labels[picks[c]] == c).all() and (weights[picks[c]] > 0).all()
         assert len(set(picks[c].tolist())) == 3  # without replacement
     assert (weights[sampler.sample(50, generator)] > 0).all()
-    syn = common.init_synthetic(images, sampler, 2, "real", generator)
+    syn = driver.init_synthetic(images, sampler, 2, "real", generator)
     assert any(torch.equal(syn[0], images[i]) for i in torch.nonzero(weights > 0).squeeze(1))

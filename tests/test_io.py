@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from biasdd import io
+from biasdd.errors import ArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,10 +50,10 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 def test_missing_group_or_file_is_a_clear_error(tmp_path):
     io.write_h5(tmp_path / "a.h5", _groups(), {})
-    with pytest.raises(KeyError, match="no group 'valid'"):
+    with pytest.raises(ArtifactError, match="no group 'valid'"):
         io.read_h5(tmp_path / "a.h5", "valid")
-    with pytest.raises(FileNotFoundError, match="run the stage"):
-        io.read_h5(tmp_path / "none.h5", "train")
+    with pytest.raises(FileNotFoundError, match=r"none.h5: no such file; rebuild it with `dvc repro bias_inject`"):
+        io.read_h5(tmp_path / "none.h5", "train", kind="biased")
 
 
 def test_checkpoint_roundtrip(tmp_path):
@@ -161,5 +162,10 @@ def test_bad_param_fails_before_work_and_writes_nothing(tmp_path):
         text=True,
     )
     assert result.returncode != 0
-    assert "bias_ratio: 1.2 is out of range; valid values are in [0.0, 1.0]" in result.stderr
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "bias_inject: error: bias_ratio: 1.2 is not valid; expected a number in [0, 1] (set BIASDD_DEBUG=1 "
+        "for a traceback)"
+    ]  # one line, no traceback
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["base.h5"]

@@ -1,6 +1,6 @@
 """Differentiable Siamese Augmentation (DSA) and DC's evaluation augmentation, as whole-batch tensor ops.
 
-DSA (PROTOCOL section 6) follows Zhao & Bilen's `DiffAugment` in single-op mode ("S"): each call picks
+DSA (docs/protocol.md §6) follows Zhao & Bilen's `DiffAugment` in single-op mode ("S"): each call picks
 ONE op of the strategy and applies it with per-sample parameters. Siamese mode shares one set of
 parameters within a group (the caller concatenates a class's real and synthetic images and passes the
 class as group id), so one call augments every class at once with per-class parameters.
@@ -15,11 +15,25 @@ which costs no device sync when the generator is on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from biasdd.config import (
+    Config,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Range,
+    check_value,
+    from_dict,
+    section,
+)
+from biasdd.errors import ConfigError
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DC_AUG_OPS = ("crop", "scale", "rotate")  # the reference's digits strategy 'crop_scale_rotate'
@@ -27,32 +41,28 @@ PROB_FLIP = 0.5  # reference ParamDiffAug.prob_flip; not a tunable of the study
 
 
 @dataclass(frozen=True)
-class DSAConfig:
-    """DSA parameters (reference `ParamDiffAug`); values come from params.yaml."""
+class DSAConfig(Config):
+    """DSA parameters (reference `ParamDiffAug`); the `augment.dsa` params section."""
+
+    SECTION: ClassVar[str] = "augment.dsa"
 
     strategy: str  # ops joined by "_", e.g. "color_crop_cutout_flip_scale_rotate"
-    ratio_crop_pad: float  # max translation as a fraction of the side (0.125)
-    ratio_cutout: float  # cutout side as a fraction of the side (0.5)
-    ratio_scale: float  # scale factors in U(1/r, r) (1.2)
-    ratio_rotate: float  # rotation in U(-r, r) degrees (15)
+    ratio_crop_pad: NonNegativeFloat  # max translation as a fraction of the side (0.125)
+    ratio_cutout: NonNegativeFloat  # cutout side as a fraction of the side (0.5)
+    ratio_scale: Annotated[float, Range(ge=1)]  # scale factors in U(1/r, r) (1.2)
+    ratio_rotate: NonNegativeFloat  # rotation in U(-r, r) degrees (15)
     brightness: float  # x + (u - 0.5) * brightness (1.0)
     saturation: float  # (x - pixel mean) * u * saturation + pixel mean (2.0)
     contrast: float  # (x - image mean) * (u + contrast) + image mean (0.5)
 
-    def __post_init__(self) -> None:
-        ops = self.ops
-        if not ops:
-            raise ValueError(f"dsa.strategy: {self.strategy!r} names no op; choose from {list(DSA_OPS)}")
-        for op in ops:
+    def check(self, where: str) -> None:
+        if not self.ops:
+            raise ConfigError(f"{where}.strategy: {self.strategy!r} names no op; choose from {list(DSA_OPS)}")
+        for op in self.ops:
             if op not in DSA_OPS:
-                raise ValueError(
-                    f"dsa.strategy: unknown op {op!r} in {self.strategy!r}; valid ops are {list(DSA_OPS)}"
+                raise ConfigError(
+                    f"{where}.strategy: unknown op {op!r} in {self.strategy!r}; valid ops are {list(DSA_OPS)}"
                 )
-        for name in ("ratio_crop_pad", "ratio_cutout", "ratio_scale", "ratio_rotate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"dsa.{name}: {getattr(self, name)!r} must be >= 0")
-        if self.ratio_scale < 1.0:
-            raise ValueError(f"dsa.ratio_scale: {self.ratio_scale!r} must be >= 1 (factors in U(1/r, r))")
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -60,20 +70,30 @@ class DSAConfig:
 
 
 @dataclass(frozen=True)
-class DCAugConfig:
-    """DC's evaluation augmentation for digits (reference `get_daparam`: crop 4, scale 0.2, rotate 45)."""
+class DCAugConfig(Config):
+    """DC's evaluation augmentation for digits (reference `get_daparam`: crop 4, scale 0.2, rotate 45);
+    the `augment.dc` params section."""
 
-    crop_pad: int  # pad by this many pixels (with the channel mean), then crop back at random
-    scale: float  # resize each side by U(1 - scale, 1 + scale), then centre crop/pad
-    rotate: int  # integer angle in [-rotate, rotate] degrees
+    SECTION: ClassVar[str] = "augment.dc"
 
-    def __post_init__(self) -> None:
-        if self.crop_pad < 0:
-            raise ValueError(f"dc_aug.crop_pad: {self.crop_pad!r} must be >= 0")
-        if not 0 <= self.scale < 1:
-            raise ValueError(f"dc_aug.scale: {self.scale!r} must be in [0, 1)")
-        if self.rotate < 0:
-            raise ValueError(f"dc_aug.rotate: {self.rotate!r} must be >= 0")
+    crop_pad: NonNegativeInt  # pad by this many pixels (with the channel mean), then crop back at random
+    scale: Fraction  # resize each side by U(1 - scale, 1 + scale), then centre crop/pad
+    rotate: NonNegativeInt  # integer angle in [-rotate, rotate] degrees
+
+
+def dsa_config(params: Mapping[str, Any], dataset: str) -> DSAConfig:
+    """The `augment.dsa` params for `dataset`: the strategy without `flip` for the datasets listed in
+    `augment.no_flip` (digits; docs/protocol.md §6)."""
+    values = dict(section(params, "augment", "dsa"))
+    no_flip = check_value("augment.no_flip", section(params, "augment", "no_flip"), tuple[str, ...])
+    if dataset in no_flip and isinstance(values.get("strategy"), str):
+        values["strategy"] = "_".join(op for op in values["strategy"].split("_") if op != "flip")
+    return from_dict(DSAConfig, values, "augment.dsa")
+
+
+def dc_aug_config(params: Mapping[str, Any]) -> DCAugConfig:
+    """The `augment.dc` params."""
+    return from_dict(DCAugConfig, section(params, "augment", "dc"), "augment.dc")
 
 
 # --- random draws -----------------------------------------------------------------------------------
@@ -177,7 +197,11 @@ def _shift(size: int, ratio: float) -> int:
 
 
 def dsa_augment(
-    x: Tensor, cfg: DSAConfig, generator: torch.Generator, groups: Tensor | None = None
+    x: Tensor,
+    cfg: DSAConfig,
+    generator: torch.Generator,
+    groups: Tensor | None = None,
+    constant: int = 0,
 ) -> Tensor:
     """Apply one randomly chosen DSA op to x (N, C, H, W); differentiable wrt x.
 
@@ -185,38 +209,66 @@ def dsa_augment(
     (siamese mode, e.g. id = class over a class's real and synthetic images). `None`: every sample
     draws its own parameters (used when training on the synthetic set). Parameters are drawn for N
     slots in both modes, so the generator advances the same way whatever the grouping.
+    `constant`: the first `constant` samples are a constant target (e.g. real images): they are
+    augmented without an autograd graph, which saves the backward pass through them. Every op acts
+    on each sample alone, so the values are the same either way.
     """
+    op, params = _dsa_params(x, cfg, generator, groups)
+    if constant <= 0 or not x.requires_grad:
+        return _dsa_apply(op, x, params, cfg)
+    with torch.no_grad():
+        head = _dsa_apply(op, x[:constant], {k: v[:constant] for k, v in params.items()}, cfg)
+    tail = _dsa_apply(op, x[constant:], {k: v[constant:] for k, v in params.items()}, cfg)
+    return torch.cat([head, tail])
+
+
+def _dsa_params(
+    x: Tensor, cfg: DSAConfig, generator: torch.Generator, groups: Tensor | None
+) -> tuple[str, dict[str, Tensor]]:
+    """The op and its per-sample parameters (N,), in the reference's order of draws."""
     ops = cfg.ops
     # Host-side choice of the op (a CPU generator costs no device sync).
     op = ops[int(torch.randint(len(ops), (1,), generator=generator, device=generator.device))]
     n, _, h, w = x.shape
     if op == "color":
-        rand_b = _per_group(_uniform(n, generator, x), groups)
-        rand_s = _per_group(_uniform(n, generator, x), groups)
-        rand_c = _per_group(_uniform(n, generator, x), groups)
-        return _color(x, cfg, rand_b, rand_s, rand_c)
+        names = ("brightness", "saturation", "contrast")
+        return op, {name: _per_group(_uniform(n, generator, x), groups) for name in names}
     if op == "crop":
         shift_h, shift_w = _shift(h, cfg.ratio_crop_pad), _shift(w, cfg.ratio_crop_pad)
-        shift_rows = _per_group(_randint(-shift_h, shift_h + 1, n, generator, x.device), groups)
-        shift_cols = _per_group(_randint(-shift_w, shift_w + 1, n, generator, x.device), groups)
-        return _translate(x, shift_rows, shift_cols)
+        rows = _per_group(_randint(-shift_h, shift_h + 1, n, generator, x.device), groups)
+        cols = _per_group(_randint(-shift_w, shift_w + 1, n, generator, x.device), groups)
+        return op, {"rows": rows, "cols": cols}
     if op == "cutout":
         size_h, size_w = _shift(h, cfg.ratio_cutout), _shift(w, cfg.ratio_cutout)
         # Reference centre range [0, side + 1 - size % 2): the square always overlaps the image.
-        centre_rows = _per_group(_randint(0, h + 1 - size_h % 2, n, generator, x.device), groups)
-        centre_cols = _per_group(_randint(0, w + 1 - size_w % 2, n, generator, x.device), groups)
-        return x * _cutout_mask(x, size_h, size_w, centre_rows, centre_cols)
+        rows = _per_group(_randint(0, h + 1 - size_h % 2, n, generator, x.device), groups)
+        cols = _per_group(_randint(0, w + 1 - size_w % 2, n, generator, x.device), groups)
+        return op, {"rows": rows, "cols": cols}
     if op == "flip":
-        flip = _per_group(_uniform(n, generator, x), groups) < PROB_FLIP
-        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return op, {"flip": _per_group(_uniform(n, generator, x), groups) < PROB_FLIP}
     if op == "scale":
         low, high = 1.0 / cfg.ratio_scale, cfg.ratio_scale
         scale_x = _per_group(_uniform(n, generator, x), groups) * (high - low) + low
         scale_y = _per_group(_uniform(n, generator, x), groups) * (high - low) + low
-        return _affine(x, _scale_theta(scale_x, scale_y))
+        return op, {"theta": _scale_theta(scale_x, scale_y)}
     # rotate
     angle = (_per_group(_uniform(n, generator, x), groups) - 0.5) * 2 * cfg.ratio_rotate / 180 * math.pi
-    return _affine(x, _rotate_theta(angle))
+    return op, {"theta": _rotate_theta(angle)}
+
+
+def _dsa_apply(op: str, x: Tensor, params: dict[str, Tensor], cfg: DSAConfig) -> Tensor:
+    """Apply `op` with per-sample `params` (each (N, ...)) to x (N, C, H, W)."""
+    _, _, h, w = x.shape
+    if op == "color":
+        return _color(x, cfg, params["brightness"], params["saturation"], params["contrast"])
+    if op == "crop":
+        return _translate(x, params["rows"], params["cols"])
+    if op == "cutout":
+        size_h, size_w = _shift(h, cfg.ratio_cutout), _shift(w, cfg.ratio_cutout)
+        return x * _cutout_mask(x, size_h, size_w, params["rows"], params["cols"])
+    if op == "flip":
+        return torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+    return _affine(x, params["theta"])  # scale, rotate
 
 
 # --- DC evaluation augmentation ---------------------------------------------------------------------
@@ -253,7 +305,7 @@ def _dc_scale(x: Tensor, factor_h: Tensor, factor_w: Tensor) -> Tensor:
 
 
 def dc_augment(x: Tensor, generator: torch.Generator, channel_mean: Tensor, cfg: DCAugConfig) -> Tensor:
-    """DC's evaluation augmentation for digits (PROTOCOL section 7; reference `augment`, strategy
+    """DC's evaluation augmentation for digits (docs/protocol.md §7; reference `augment`, strategy
     'crop_scale_rotate'): each image gets one of crop, scale, rotate, chosen uniformly.
 
     - crop: pad `crop_pad` with the channel mean, crop back at offsets in [0, 2 * crop_pad) (exact).

@@ -1,5 +1,5 @@
-"""Bias injection: attribute assignment (PROTOCOL section 2), CMNIST-DD colouring (section 3) and
-CCIFAR10-DD corruptions (section 4).
+"""Bias injection: attribute assignment (docs/protocol.md §2), CMNIST-DD colouring (§3) and
+CCIFAR10-DD corruptions (§4).
 
 Randomness is drawn per fixed-size chunk of images from `SeedSequence(seed, spawn_key=(split, chunk))`,
 so the output depends on the seed and the data only, never on the number of worker processes.
@@ -10,63 +10,57 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from biasdd.config import check_range, from_dict, pick
+from biasdd.config import Config, NonNegativeInt, UnitInterval, check_value, from_dict, section
+from biasdd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 CHUNK = 512  # images per random stream; fixed so that output does not depend on the worker count
 SPLITS = ("train", "test_conflicting", "test_uniform")
-# rho of each split (PROTOCOL section 2): the study's unbiased test set is rho = 0 (all conflicting);
+# rho of each split (docs/protocol.md §2): the study's unbiased test set is rho = 0 (all conflicting);
 # `test_uniform` (rho = 1/K) is the debiasing literature's convention.
 SPLIT_RATIO = {"test_conflicting": 0.0, "test_uniform": 0.1}
 SPLIT_STREAM = {"train": 0, "test_conflicting": 1, "test_uniform": 2}
 
 
 @dataclass(frozen=True)
-class BiasConfig:
+class BiasConfig(Config):
     """The top-level params that define a biased dataset."""
 
     dataset: Literal["cmnist", "ccifar10"]
-    bias_ratio: float
-    severity: int
-    seed: int
+    bias_ratio: UnitInterval  # rho
+    severity: Literal[1, 2, 3, 4]
+    seed: NonNegativeInt
     corruption_protocol: Literal["cifar10c", "imagenet-c"]
 
-    def __post_init__(self) -> None:
-        check_range("bias_ratio", self.bias_ratio, 0.0, 1.0)
-        if self.severity not in (1, 2, 3, 4):
-            raise ValueError(f"severity: {self.severity!r} is not valid; choose one of [1, 2, 3, 4]")
-        if self.seed < 0:
-            raise ValueError(f"seed: {self.seed!r} is not valid; expected an integer >= 0")
-
     @classmethod
-    def from_params(cls, params: dict) -> BiasConfig:
+    def from_params(cls, params: Mapping[str, Any]) -> BiasConfig:
         keys = tuple(f.name for f in dataclasses.fields(cls))
-        return from_dict(cls, pick(params, keys), "params")
+        return from_dict(cls, {k: section(params, k) for k in keys}, "")
 
 
 @dataclass(frozen=True)
-class CMNISTConfig:
-    """CMNIST-DD colours and noise (PROTOCOL section 3; LfF's colored MNIST)."""
+class CMNISTConfig(Config):
+    """CMNIST-DD colours and noise (docs/protocol.md §3; LfF's colored MNIST); the `cmnist` section."""
 
-    colours: tuple[
-        tuple[float, float, float], ...
-    ]  # mean RGB in [0, 1]; attribute k = aligned colour of class k
+    SECTION: ClassVar[str] = "cmnist"
+
+    colours: tuple[tuple[float, float, float], ...]  # mean RGB in [0, 1]; attribute k = class k's colour
     sigma: tuple[float, ...]  # colour noise std at severity 1..4
 
-    def __post_init__(self) -> None:
+    def check(self, where: str) -> None:
         if len(self.colours) != NUM_CLASSES or len(self.sigma) != 4:
-            raise ValueError(
-                f"cmnist: expected {NUM_CLASSES} colours and 4 sigmas, got {len(self.colours)} and "
+            raise ConfigError(
+                f"{where}: expected {NUM_CLASSES} colours and 4 sigmas, got {len(self.colours)} and "
                 f"{len(self.sigma)}"
             )
 
@@ -82,11 +76,11 @@ def attribute_milestones(n: int, bias_ratio: float, label: int, num_classes: int
 
 
 def assign_attributes(labels: np.ndarray, bias_ratio: float, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """The bias attribute of every sample (PROTOCOL section 2, exact and RNG-free).
+    """The bias attribute of every sample (docs/protocol.md §2, exact and RNG-free).
 
     Within class y, in dataset order, the j-th sample gets a = min{a : m_a > j}.
     """
-    check_range("bias_ratio", bias_ratio, 0.0, 1.0)
+    check_value("bias_ratio", bias_ratio, UnitInterval)
     attributes = np.empty(len(labels), dtype=np.int64)
     for label in range(num_classes):
         index = np.flatnonzero(labels == label)

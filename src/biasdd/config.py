@@ -1,83 +1,118 @@
-"""Typed, frozen configs built from `params.yaml` sections.
+"""Typed, frozen configs built from `params.yaml` sections, validated in one place.
 
-Every module keeps its own frozen dataclass next to the code that uses it (nanoGPT style); this module
-only holds the strict constructor that turns a params dict into one, and the budget overlay.
-A wrong key or type fails loudly, naming the key and what is valid, before any long computation.
+Every module keeps its own frozen dataclass next to the code that uses it (nanoGPT style). A field
+declares what is valid ONCE, in its annotation: a type, `Literal[...]` choices, or a range through
+`Annotated[...]` (`PositiveInt`, `Fraction`, `Range(...)`). `Config.__post_init__` and `from_dict`
+check every field against it, and every error names the full key (`distill.dm.iterations`) and the
+valid values, before any long computation.
+
+`params.yaml` holds the values a run actually uses: DVC composes it from `conf/` (Hydra) on every
+`dvc exp run`, with the budget as a config group, so `dvc params diff` shows what ran.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
 
+from biasdd.errors import ConfigError, UnknownKeyError
+
 T = TypeVar("T")
 
-BUDGETS = ("quick", "paper")
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number: ge/gt (>=, >) below, le/lt (<=, <) above; None = unbounded."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        low = (
+            f"[{self.ge:g}" if self.ge is not None else (f"({self.gt:g}" if self.gt is not None else "(-inf")
+        )
+        high = (
+            f"{self.le:g}]" if self.le is not None else (f"{self.lt:g})" if self.lt is not None else "inf)")
+        )
+        return f"{low}, {high}"
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read `params.yaml` into a plain dict."""
-    with open(path) as f:
-        params = yaml.safe_load(f)
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
-    return params
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # momentum: [0, 1)
+UnitInterval = Annotated[float, Range(ge=0, le=1)]
+
+_WHERE: contextvars.ContextVar[str | None] = contextvars.ContextVar("biasdd_config_where", default=None)
 
 
-def _deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = typing.get_args(annotation)
+        ranges = [e for e in extras if isinstance(e, Range)]
+        kind = "an integer" if base is int else "a number"
+        return f"{kind} in {ranges[0].describe()}" if ranges else _type_name(base)
+    if origin is typing.Literal:
+        return f"one of {list(typing.get_args(annotation))}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if annotation is bool:
+        return "true or false"
+    if annotation is str:
+        return "a string"
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        inner = _type_name(args[0]) if args else "values"
+        return f"a list of {inner}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
-def budget_of(params: Mapping[str, Any]) -> str:
-    """The active budget name, validated."""
-    budget = params.get("budget", "paper")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget: {budget!r} is not valid; choose one of {list(BUDGETS)}")
-    return budget
-
-
-def section(params: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    """The params section at `keys` (e.g. `"distill", "dm"`), with the active budget's overrides applied.
-
-    `params["budgets"][budget]` mirrors the layout of `params.yaml`; its values win over the sections'
-    own (which hold the paper's values), so `dvc exp run -S budget=paper` is all it takes to switch.
-    """
-    budget = budget_of(params)
-    node: Any = params
-    overlay: Any = (params.get("budgets") or {}).get(budget) or {}
-    for key in keys:
-        if not isinstance(node, Mapping) or key not in node:
-            raise KeyError(f"params: missing section {'.'.join(keys)!r} (no key {key!r})")
-        node = node[key]
-        overlay = overlay.get(key, {}) if isinstance(overlay, Mapping) else {}
-    if not isinstance(node, Mapping):
-        raise ValueError(f"params: {'.'.join(keys)!r} must be a mapping, got {node!r}")
-    return _deep_merge(node, overlay or {})
-
-
-def _type_ok(value: Any, annotation: Any) -> bool:
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether `value` has the annotated type (ranges included)."""
     origin = typing.get_origin(annotation)
     if annotation is Any:
         return True
+    if origin is Annotated:
+        base, *extras = typing.get_args(annotation)
+        if not _matches(value, base):
+            return False
+        return all(r.contains(float(value)) for r in extras if isinstance(r, Range))
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
-        return value in typing.get_args(annotation)
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
     if origin in (tuple, list):
@@ -85,10 +120,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
             return False
         args = typing.get_args(annotation)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return all(_type_ok(v, args[0]) for v in value)
+            return all(_matches(v, args[0]) for v in value)
         if origin is tuple and args:
-            return len(args) == len(value) and all(_type_ok(v, a) for v, a in zip(value, args, strict=True))
-        return all(_type_ok(v, args[0]) for v in value) if args else True
+            return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=True))
+        return all(_matches(v, args[0]) for v in value) if args else True
     if origin is dict:
         return isinstance(value, Mapping)
     if annotation is float:
@@ -100,53 +135,115 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
-def from_dict(cls: type[T], values: Mapping[str, Any], where: str) -> T:
-    """Build the frozen dataclass `cls` from `values`, rejecting unknown keys and wrong types.
+def _coerce(value: Any, annotation: Any) -> Any:
+    """ints where floats are declared become floats; lists where tuples are declared become tuples."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _coerce(value, typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if _matches(value, arg):
+                return _coerce(value, arg)
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True)) if args else tuple(value)
+    return value
 
-    `where` names the params section in error messages (e.g. "distill.dm").
-    Fields typed `Literal[...]` list their valid choices in the message.
-    """
+
+def check_value(where: str, value: Any, annotation: Any) -> Any:
+    """`value` coerced to `annotation`, or a ConfigError naming `where` and what is valid."""
+    if not _matches(value, annotation):
+        expected = _type_name(annotation)
+        verb = "choose" if expected.startswith("one of") else "expected"
+        raise ConfigError(f"{where}: {value!r} is not valid; {verb} {expected}")
+    return _coerce(value, annotation)
+
+
+class Config:
+    """Base of the frozen param dataclasses: fields are checked against their annotations on
+    construction; `check(where)` adds the checks that involve several fields."""
+
+    SECTION: ClassVar[str] = ""  # the params key of this config ("" = top level), for error messages
+
+    def __post_init__(self) -> None:
+        where = _WHERE.get()
+        where = self.SECTION if where is None else where
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = check_value(key_of(where, f.name), getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self.check(where)
+
+    def check(self, where: str) -> None:
+        """Cross-field checks; raise ConfigError naming `where`.<field>."""
+
+
+def key_of(where: str, name: str) -> str:
+    """The full params key of field `name` in section `where` ("" = the top level)."""
+    return f"{where}.{name}" if where else name
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """Build the frozen dataclass `cls` from the params section `values` (found at key `where`; "" =
+    the top level), rejecting unknown and missing keys and values that do not fit the annotations."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where or 'params'}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise KeyError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        annotation = hints[name]
-        if not _type_ok(value, annotation):
-            if typing.get_origin(annotation) is typing.Literal:
-                valid = f"one of {list(typing.get_args(annotation))}"
-            else:
-                valid = f"a value of type {getattr(annotation, '__name__', annotation)}"
-            raise ValueError(f"{where}.{name}: {value!r} is not valid; expected {valid}")
-        if annotation is float and isinstance(value, int):
-            value = float(value)
-        if typing.get_origin(annotation) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
+        raise UnknownKeyError(
+            f"{where or 'params'}: unknown key(s) {[key_of(where, k) for k in unknown]}; "
+            f"valid keys are {sorted(fields)}"
+        )
     missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
-        raise KeyError(f"{where}: missing key(s) {missing}")
-    return cls(**kwargs)
+        raise UnknownKeyError(f"{where or 'params'}: missing key(s) {[key_of(where, k) for k in missing]}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    kwargs = {name: check_value(key_of(where, name), value, hints[name]) for name, value in values.items()}
+    token = _WHERE.set(where)
+    try:
+        return cls(**kwargs)
+    finally:
+        _WHERE.reset(token)
 
 
-def check_range(where: str, value: float, low: float, high: float) -> None:
-    """Raise ValueError naming `where` unless low <= value <= high."""
-    if not (low <= value <= high):
-        raise ValueError(f"{where}: {value!r} is out of range; valid values are in [{low}, {high}]")
+# --- params.yaml ------------------------------------------------------------------------------------
 
 
-def pick(params: Mapping[str, Any], keys: tuple[str, ...], where: str = "params") -> dict[str, Any]:
-    """The top-level `keys` of params; a missing one is an error naming it."""
-    missing = [k for k in keys if k not in params]
-    if missing:
-        raise KeyError(f"{where}: missing key(s) {missing}")
-    return {k: params[k] for k in keys}
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read `params.yaml` into a plain dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run from the repository root)")
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
+    return params
+
+
+def section(params: Mapping[str, Any], *keys: str) -> Any:
+    """The value at `keys` (e.g. `"distill", "dm"`); a missing key is an error naming the full key."""
+    node: Any = params
+    for depth, key in enumerate(keys):
+        if not isinstance(node, Mapping) or key not in node:
+            raise UnknownKeyError(f"params: missing key {'.'.join(keys[: depth + 1])!r}")
+        node = node[key]
+    return node
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -163,14 +260,49 @@ def derive_seed(seed: int, *names: str | int) -> int:
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def check_device(name: Any) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, else a ConfigError."""
+    if not isinstance(name, str) or not (
+        name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
+    ):
+        raise ConfigError(f"device: {name!r} is not valid; choose one of {list(DEVICES)} or 'cuda:N'")
+    return name
+
+
 def resolve_device(name: str) -> str:
-    """`auto` -> cuda when present, else cpu; `cpu`, `cuda` and `cuda:N` as given (checked)."""
+    """`auto` -> a CUDA device when present (leased, so that runs side by side each get their own;
+    see `biasdd.lease`), else cpu; `cpu`, `cuda` and `cuda:N` as given (checked)."""
     import torch
 
-    if not isinstance(name, str) or not (name in DEVICES or name.startswith("cuda:")):
-        raise ValueError(f"device: {name!r} is not valid; choose one of {list(DEVICES)} or 'cuda:N'")
+    check_device(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
     return name
+
+
+def compose_params(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """params.yaml's text as `dvc exp run` composes it from `conf_dir` (Hydra, config `config`), with
+    `overrides` such as `budget=paper`. For `dvc repro` after editing conf/ (and for tests); needs
+    hydra-core, which DVC brings."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)
+
+
+def main_compose(argv: list[str] | None = None) -> None:
+    """`biasdd-params [overrides...]`: rewrite params.yaml from conf/ (what `dvc exp run` does first)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="biasdd-params", description=main_compose.__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. budget=paper bias_ratio=0.8")
+    parser.add_argument("--conf", default="conf", help="the config folder (default: conf)")
+    parser.add_argument("--out", default="params.yaml", help="where to write (default: params.yaml)")
+    args = parser.parse_args(argv)
+    Path(args.out).write_text(compose_params(args.conf, args.overrides), encoding="utf-8")
+    print(f"wrote {args.out} from {args.conf}/ {' '.join(args.overrides)}".rstrip())

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 import biasdd
+from biasdd.errors import ArtifactError
 
 # gzip is deterministic and readable by every HDF5 tool; level 1 is fast and shrinks black digits well.
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
@@ -86,12 +87,18 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def write_h5(
-    path: str | Path, groups: Mapping[str, Mapping[str, np.ndarray]], attrs: Mapping[str, Any]
+    path: str | Path,
+    groups: Mapping[str, Mapping[str, np.ndarray]],
+    attrs: Mapping[str, Any],
+    kind: str | None = None,
 ) -> None:
     """Write `{group: {name: array}}` and file attributes to `path`, atomically and reproducibly.
 
-    Group-level attributes can be given as `groups[g]["@attrs"] = {...}`.
+    Group-level attributes can be given as `groups[g]["@attrs"] = {...}`. `kind` (see PRODUCERS) is
+    recorded as the `artifact` attribute, which `check_artifact` reads back.
     """
+    if kind is not None:
+        attrs = {**attrs, "artifact": kind}
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", track_order=False, libver=("earliest", "v110")) as f:
             for key in sorted(attrs):
@@ -112,25 +119,95 @@ def write_h5(
                     )
 
 
-def read_h5(path: str | Path, group: str, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Read the datasets of `group` (all, or `names`) into memory."""
+# --- reading artifacts --------------------------------------------------------------------------------
+
+# The stage that makes each kind of artifact (the `artifact` attribute every writer records), for the
+# one-line error that says how to get a missing or broken input back.
+PRODUCERS = {
+    "base": "download",
+    "biased": "bias_inject",
+    "bias_model": "bias_model",
+    "bias_classifier": "bias_classifier",
+    "synthetic": "distill@<method>",
+}
+
+
+def _rebuild_hint(path: Path, kind: str | None) -> str:
+    stage = PRODUCERS.get(kind or "", "<stage>")
+    if kind == "synthetic":
+        stage = f"distill@{path.stem}"
+    return f"rebuild it with `dvc repro {stage}` or fetch it with `dvc pull {path}`"
+
+
+def _missing(path: Path, kind: str | None) -> ArtifactError:
+    return ArtifactError(f"{path}: no such file; {_rebuild_hint(path, kind)}")
+
+
+@contextmanager
+def _open(path: str | Path, kind: str | None = None) -> Iterator[h5py.File]:
+    """An HDF5 artifact opened for reading; a missing or unreadable file is a one-line ArtifactError."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such artifact (run the stage that makes it first)")
-    with h5py.File(path, "r") as f:
+        raise _missing(path, kind)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise ArtifactError(
+            f"{path}: not a readable HDF5 file (truncated or corrupt: {str(error).splitlines()[0]}); "
+            f"{_rebuild_hint(path, kind)}"
+        ) from error
+    with f:
+        yield f
+
+
+def check_artifact(path: str | Path, kind: str) -> None:
+    """Fail now, in one line, unless `path` is a readable artifact of `kind` (see PRODUCERS): run by the
+    stages on every input before any long computation."""
+    path = Path(path)
+    if kind == "bias_classifier":
+        load_checkpoint(path, kind)
+        return
+    with _open(path, kind) as f:
+        found = f.attrs.get("artifact")
+        if isinstance(found, bytes):
+            found = found.decode()
+        if found != kind:
+            what = (
+                f"a {found!r} artifact" if found else "not a biasdd artifact (or one from an older version)"
+            )
+            raise ArtifactError(
+                f"{path}: expected a {kind!r} artifact, found {what}; {_rebuild_hint(path, kind)}"
+            )
+
+
+def read_h5(
+    path: str | Path, group: str, names: tuple[str, ...] | None = None, kind: str | None = None
+) -> dict[str, np.ndarray]:
+    """Read the datasets of `group` (all, or `names`) into memory."""
+    path = Path(path)
+    with _open(path, kind) as f:
         if group not in f:
-            raise KeyError(f"{path}: no group {group!r}; it has {sorted(f.keys())}")
+            raise ArtifactError(
+                f"{path}: no group {group!r} (it has {sorted(f.keys())}); {_rebuild_hint(path, kind)}"
+            )
         g = f[group]
         wanted = names if names is not None else tuple(k for k in g.keys())
         missing = [n for n in wanted if n not in g]
         if missing:
-            raise KeyError(f"{path}:{group}: missing dataset(s) {missing}; it has {sorted(g.keys())}")
-        return {n: g[n][()] for n in wanted}
+            raise ArtifactError(
+                f"{path}: group {group!r} lacks {missing} (it has {sorted(g.keys())}); {_rebuild_hint(path, kind)}"
+            )
+        try:
+            return {n: g[n][()] for n in wanted}
+        except OSError as error:  # a truncated file can open and still fail on the data
+            raise ArtifactError(
+                f"{path}: unreadable data in group {group!r} (truncated or corrupt); {_rebuild_hint(path, kind)}"
+            ) from error
 
 
-def read_attrs(path: str | Path, group: str | None = None) -> dict[str, Any]:
+def read_attrs(path: str | Path, group: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """File (or group) attributes, JSON-decoded where they were encoded."""
-    with h5py.File(path, "r") as f:
+    with _open(path, kind) as f:
         node = f if group is None else f[group]
         out: dict[str, Any] = {}
         for key, value in node.attrs.items():
@@ -147,8 +224,8 @@ def read_attrs(path: str | Path, group: str | None = None) -> dict[str, Any]:
         return out
 
 
-def list_groups(path: str | Path) -> list[str]:
-    with h5py.File(path, "r") as f:
+def list_groups(path: str | Path, kind: str | None = None) -> list[str]:
+    with _open(path, kind) as f:
         return sorted(f.keys())
 
 
@@ -171,11 +248,26 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
         torch.save(dict(state), tmp)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The saved state, or None when there is no checkpoint."""
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any] | None:
+    """The saved state, or None when there is no file (a checkpoint not made yet). With `kind` (an
+    artifact such as the bias classifier), a missing or unreadable file is an ArtifactError instead."""
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.exists():
+        if kind is not None:
+            raise _missing(path, kind)
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        if kind is None:
+            raise
+        raise ArtifactError(
+            f"{path}: not a readable torch file (truncated or corrupt); {_rebuild_hint(path, kind)}"
+        ) from error
+    if kind is not None and (not isinstance(state, dict) or state.get("artifact") != kind):
+        raise ArtifactError(f"{path}: expected a {kind!r} artifact; {_rebuild_hint(path, kind)}")
+    return state

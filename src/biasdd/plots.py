@@ -50,22 +50,47 @@ def _show_grid(ax_grid: np.ndarray, cells: list[list[np.ndarray | None]]) -> Non
                 )
 
 
+def conflicting_picks(labels: np.ndarray, attributes: np.ndarray, num_classes: int) -> list[int | None]:
+    """One bias-conflicting sample per class for Figure 1's top row, with a different attribute in
+    each column where the data allow: class c prefers attribute (c + 1) mod K, then any attribute not
+    shown yet, then any. (The first conflicting sample of every class carries attribute 0 or 1, since
+    attributes are assigned in dataset order: the row would look as if every conflict were one colour.)
+    """
+    picks: list[int | None] = []
+    used: set[int] = set()
+    for c in range(num_classes):
+        conflicting = np.flatnonzero((labels == c) & (attributes != labels))
+        if not len(conflicting):
+            picks.append(None)
+            continue
+        attrs = attributes[conflicting]
+        preferred = (c + 1) % num_classes
+        order = [preferred] + [a for a in range(num_classes) if a != preferred and a not in used]
+        choice = next(
+            (int(conflicting[attrs == a][0]) for a in order if np.any(attrs == a)), int(conflicting[0])
+        )
+        used.add(int(attributes[choice]))
+        picks.append(choice)
+    return picks
+
+
 def sample_grid(
     images: np.ndarray,
     labels: np.ndarray,
-    aligned: np.ndarray,
+    attributes: np.ndarray,
     rows_aligned: int,
     path: Path,
     title: str,
     num_classes: int = 10,
 ) -> None:
-    """Figure 1: per class (column) the first bias-conflicting sample, then the first aligned ones."""
+    """Figure 1: per class (column) one bias-conflicting sample (`conflicting_picks`), then the first
+    bias-aligned ones."""
     hwc = _to_hwc(images)
+    aligned = attributes == labels
     cells: list[list[np.ndarray | None]] = [[None] * num_classes for _ in range(1 + rows_aligned)]
-    for c in range(num_classes):
-        conflicting = np.flatnonzero((labels == c) & ~aligned)
-        if len(conflicting):
-            cells[0][c] = hwc[conflicting[0]]
+    for c, pick in enumerate(conflicting_picks(labels, attributes, num_classes)):
+        if pick is not None:
+            cells[0][c] = hwc[pick]
         for r, index in enumerate(np.flatnonzero((labels == c) & aligned)[:rows_aligned]):
             cells[1 + r][c] = hwc[index]
     fig, axes = plt.subplots(

@@ -20,11 +20,11 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
-from biasdd.config import from_dict
+from biasdd.config import Config, Range, check_value, from_dict, section
 from biasdd.io import md5_file
 
 log = logging.getLogger(__name__)
@@ -53,31 +53,21 @@ CIFAR10_DIR = "cifar-10-batches-py"
 
 
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(Config):
     """params `dataset` and section `download`."""
+
+    SECTION: ClassVar[str] = "download"
 
     dataset: Literal["cmnist", "ccifar10"]
     mirror: str | None  # folder in torchvision's layout; env BIASDD_DATA_MIRROR wins
     cache_dir: str  # where torchvision's download goes when it is the source
-    limit_train: int | None  # keep the first n images of each split (null = all): tiny test configs
-    limit_test: int | None
-
-    def __post_init__(self) -> None:
-        for name in ("limit_train", "limit_test"):
-            value = getattr(self, name)
-            if value is not None and value < 10:
-                raise ValueError(
-                    f"download.{name}: {value!r} is not valid; expected null or an integer >= 10"
-                )
+    limit_train: Annotated[int, Range(ge=10)] | None  # keep the first n images of each split (null = all)
+    limit_test: Annotated[int, Range(ge=10)] | None
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> DownloadConfig:
-        if "download" not in params:
-            raise KeyError("params: missing section 'download'")
-        dataset = params.get("dataset")
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset: {dataset!r} is not valid; choose one of {list(DATASETS)}")
-        return from_dict(cls, {"dataset": dataset, **params["download"]}, "download")
+    def from_params(cls, params: Mapping[str, Any]) -> DownloadConfig:
+        dataset = check_value("dataset", section(params, "dataset"), Literal["cmnist", "ccifar10"])
+        return from_dict(cls, {"dataset": dataset, **section(params, "download")}, "download")
 
 
 class SourceError(RuntimeError):

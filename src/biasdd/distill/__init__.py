@@ -1,22 +1,24 @@
-"""Distillation methods behind one registry; each is a function over tensors with one signature:
+"""Distillation methods behind one registry; a method is one file and one entry here.
 
-    distill(real_images, real_labels, num_classes, cfg, net_factory, generator,
-            dsa=None, resume=None, on_checkpoint=None, checkpoint_every=0, progress=True,
-            debias=None) -> DistillResult
+`METHODS[key]` is a `driver.Method`: its config class (params section `distill.<key>`, `config`), the
+matcher that supplies what the method adds to the shared loop (`driver.distill`), and whether it uses
+siamese DSA. Calling it distils:
 
-`debias` (a `DebiasTargets`, built by `biasdd.debias.debias_targets`) reweights the real-side target and
-adds the bounded repulsion from the bias-aligned samples (issue 6); None is the plain method.
+    result = METHODS["dm"](real_images, real_labels, num_classes, cfg, net_factory, generator, dsa=dsa)
 
-`METHODS[key]` is the function, `CONFIGS[key]` its frozen config class (built from the params section
-`distill.<key>` with `biasdd.config.from_dict`). The keys are those of params.yaml and dvc.yaml.
+The keys are those of params.yaml, dvc.yaml (`distill@dm`), file names and metrics.
 """
 
 from __future__ import annotations
 
 from biasdd.distill import dc, dm, dsa
-from biasdd.distill.common import DebiasTargets, DistillResult
+from biasdd.distill.driver import DistillConfig, DistillResult, Method
+from biasdd.distill.sampling import DebiasTargets
 
-METHODS = {"dc": dc.distill, "dsa": dsa.distill, "dm": dm.distill}
-CONFIGS = {"dc": dc.DCConfig, "dsa": dsa.DSAMethodConfig, "dm": dm.DMConfig}
+METHODS: dict[str, Method] = {
+    "dc": Method("dc", dc.DCConfig, dc.GradientMatching, uses_dsa=False),
+    "dsa": Method("dsa", dsa.DSAMethodConfig, dsa.matcher, uses_dsa=True),
+    "dm": Method("dm", dm.DMConfig, dm.DistributionMatching, uses_dsa=True),
+}
 
-__all__ = ["CONFIGS", "METHODS", "DebiasTargets", "DistillResult"]
+__all__ = ["METHODS", "DebiasTargets", "DistillConfig", "DistillResult", "Method"]

@@ -1,28 +1,30 @@
 """Dataset Condensation with gradient matching (DC; Zhao, Mopuri & Bilen 2021; reference `main.py`).
 
-Each outer iteration takes a freshly initialised network; `outer_loop` times it matches, class by
-class, the gradient of the loss on a real batch with that on the class's synthetic images (one image
-step on the summed distance), and between those steps trains the network for `inner_loop` epochs on
-the synthetic set. DSA (`dsa.py`) is this loop with siamese augmentation switched on.
+What DC adds to the driver (docs/protocol.md §6): an outer iteration takes `outer_loop` image steps on
+one fresh network; each step matches, class by class, the gradient of the CE on a real batch with the
+gradient on the class's synthetic images (layer-wise cosine distance), and between steps the network
+trains for `inner_loop` epochs on the synthetic set. DSA (`dsa.py`) is the same matcher with siamese
+augmentation in the steps and per-sample augmentation in the network's training.
 
-Per-class gradients are batched: `torch.func.vmap` over the class axis of `torch.func.grad` gives all
-K parameter gradients from one batched forward/backward (the real images of class c and its synthetic
-images each form one slice of a (K, n, C, H, W) tensor). The synthetic side stays differentiable wrt
-the images (the transforms compose with autograd, like `create_graph=True`). If that path fails on some
-torch version, a per-class loop with `torch.autograd.grad` takes over (same maths, logged once).
+Per-class gradients: on accelerators, `torch.func.vmap` over the class axis of `torch.func.grad`
+gives all K gradients from one batched pass (a grouped convolution); on the CPU, where grouped
+convolutions measured 2-10x slower, a loop over classes. The real side (a constant target, no graph)
+runs through the compute settings (`biasdd.compute`: bf16, torch.compile on the CPU); the synthetic
+side needs the graph of its gradient (double backward, which torch.compile does not support) and runs
+eagerly in fp32. Both paths are tested against a plain per-class reference (tests/test_distill.py).
 
-Debiased targets (`debias`, issue 6; see `biasdd.debias`): the real batch of class c is drawn with
-probability proportional to the per-sample weights (importance sampling), so the gradient of its plain
-mean CE estimates the gradient of the weighted mean CE; with a repulsion lambda > 0 a second real batch,
-drawn from the bias-aligned weights, gives g_b and the loss becomes `debiased_matching_loss`.
+Debiased targets (docs/protocol.md §9): the real batch of class c is drawn by importance sampling from
+the debiasing weights, so the gradient of its plain mean CE estimates the gradient of the weighted
+mean CE; with a repulsion lambda > 0 the driver also draws a bias-aligned batch, giving g_b, and the
+loss becomes `debiased_matching_loss`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,104 +32,154 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from biasdd.augment import DSAConfig, dsa_augment
-from biasdd.distill import common
+from biasdd.compute import FP32, NetworkRunner, full_precision
+from biasdd.config import PositiveFloat, PositiveInt
+from biasdd.distill.driver import Batch, Context, DistillConfig
 
 logger = logging.getLogger(__name__)
 
+COSINE_EPS = 1e-6  # reference distance_wb
+
 
 @dataclass(frozen=True)
-class GradientMatchingConfig:
-    """Settings shared by DC and DSA (PROTOCOL section 6); values come from params.yaml."""
+class GradientMatchingConfig(DistillConfig):
+    """DC's and DSA's params section (docs/protocol.md §6): the shared fields plus the loops."""
 
-    ipc: int  # synthetic images per class
-    iterations: int  # outer iterations (1000)
-    outer_loop: int  # image steps per outer iteration (50 at IPC 50, 10 at IPC 10, 1 at IPC 1)
-    inner_loop: int  # network epochs on the synthetic set between image steps (10 / 50 / 1)
-    lr_img: float  # image SGD learning rate (0.1)
-    momentum_img: float  # image SGD momentum (0.5)
-    lr_net: float  # network SGD learning rate (0.01)
-    batch_real: int  # real images per class per matching step (256)
-    batch_train: int  # batch size of the network updates on the synthetic set (256)
-    init: Literal["noise", "real"]  # DC: noise, DSA: real
+    SECTION: ClassVar[str] = "distill.dc"
 
-    def __post_init__(self) -> None:
-        where = self._where()
-        common.check_positive_ints(
-            where, self, ("ipc", "iterations", "outer_loop", "inner_loop", "batch_real", "batch_train")
-        )
-        common.check_optimiser(where, self, ("lr_img", "lr_net"), ("momentum_img",))
-        common.check_init(where, self.init)
-
-    def _where(self) -> str:
-        return "distill.dc"
+    outer_loop: PositiveInt  # image steps per outer iteration (50 at IPC 50, 10 at IPC 10, 1 at IPC 1)
+    inner_loop: PositiveInt  # network epochs on the synthetic set between image steps (10 / 50 / 1)
+    lr_net: PositiveFloat  # network SGD learning rate (0.01)
+    batch_train: PositiveInt  # batch size of the network updates on the synthetic set (256)
 
 
 @dataclass(frozen=True)
 class DCConfig(GradientMatchingConfig):
-    """DC: gradient matching without augmentation."""
+    """DC: gradient matching without augmentation (init noise in the paper)."""
+
+
+# --- the distance -----------------------------------------------------------------------------------
+
+
+def gradient_distance(grads_syn: Sequence[Tensor], grads_real: Sequence[Tensor], leading: int = 0) -> Tensor:
+    """DC's layer-wise distance (docs/protocol.md §6; reference `match_loss` with `distance_wb`).
+
+    Sum over weight tensors of ndim > 1 (biases and norm parameters are ignored) of the sum over output
+    rows of 1 - cos(g_real_row, g_syn_row); a conv weight (out, in, h, w) is read as `out` rows of
+    in * h * w. `leading` batch dimensions (e.g. 1 for a class axis) are summed over too.
+    """
+    total: Tensor | None = None
+    for term in _row_distances(grads_syn, grads_real, leading):
+        total = term.sum() if total is None else total + term.sum()
+    assert total is not None  # _row_distances raises on a network without weights to match
+    return total
+
+
+def gradient_distance_per_class(grads_syn: Sequence[Tensor], grads_real: Sequence[Tensor]) -> Tensor:
+    """`gradient_distance` with one leading class axis, kept: (K,) distances, each in [0, 2 * rows]
+    (rows = output units summed over the weight tensors). Used for the masked repulsion term."""
+    total: Tensor | None = None
+    for term in _row_distances(grads_syn, grads_real, leading=1):
+        total = term.sum(-1) if total is None else total + term.sum(-1)
+    assert total is not None
+    return total
+
+
+def _row_distances(grads_syn: Sequence[Tensor], grads_real: Sequence[Tensor], leading: int) -> list[Tensor]:
+    """Per weight tensor of ndim > 1: (*leading, out) of 1 - cos per output row."""
+    terms = []
+    for g_syn, g_real in zip(grads_syn, grads_real, strict=True):
+        if g_real.ndim - leading <= 1:
+            continue
+        rows_syn = g_syn.flatten(leading + 1)  # (*leading, out, in*h*w)
+        rows_real = g_real.flatten(leading + 1)
+        dot = (rows_syn * rows_real).sum(-1)
+        norms = rows_syn.norm(dim=-1) * rows_real.norm(dim=-1)
+        terms.append(1 - dot / (norms + COSINE_EPS))
+    if not terms:
+        raise ValueError("gradient_distance: the network has no weight tensor with ndim > 1 to match")
+    return terms
 
 
 # --- per-class gradients ----------------------------------------------------------------------------
 
 
-def _matched_names(net: nn.Module) -> list[str]:
+def matched_names(net: nn.Module) -> list[str]:
     """Parameters the distance reads: weight tensors of ndim > 1."""
     return [name for name, param in net.named_parameters() if param.ndim > 1]
 
 
+class ClassGradients:
+    """Per-class parameter gradients {name: (K, *shape)} of each class's mean CE, for the weights of
+    ndim > 1. `batched`: vmap over classes (accelerators); else a loop (the CPU). `batched=None` picks
+    by device. Falls back to the loop, once and logged, if the batched path fails on some torch."""
+
+    def __init__(self, batched: bool | None = None) -> None:
+        self.batched = batched
+
+    def __call__(self, runner: NetworkRunner, images: Tensor, labels: Tensor, create_graph: bool) -> dict:
+        """images (K, n, C, H, W), labels (K, n). `create_graph=False` for a constant target (through the
+        compute settings); True for the synthetic side (eager fp32, differentiable wrt images)."""
+        batched = images.device.type != "cpu" if self.batched is None else self.batched
+        if batched:
+            try:
+                return _batched(runner, images, labels, create_graph)
+            except (RuntimeError, NotImplementedError) as error:
+                logger.warning("batched per-class gradients failed (%s); looping over classes", error)
+                self.batched = False
+        return _looped(runner, images, labels, create_graph)
+
+
 def _split_params(net: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(matched, others): detached views of the current parameters, plus buffers in `others`."""
-    matched_names = set(_matched_names(net))
+    names = set(matched_names(net))
     matched, others = {}, {}
     for name, param in net.named_parameters():
-        (matched if name in matched_names else others)[name] = param.detach()
+        (matched if name in names else others)[name] = param.detach()
     for name, buffer in net.named_buffers():
         others[name] = buffer
     return matched, others
 
 
-def _class_gradients_batched(
-    net: nn.Module, matched: dict[str, Tensor], others: dict[str, Tensor], images: Tensor, labels: Tensor
-) -> dict[str, Tensor]:
-    """{name: (K, *shape)} gradients of each class's mean CE, via vmap over the class axis of grad."""
+def _batched(runner: NetworkRunner, images: Tensor, labels: Tensor, create_graph: bool) -> dict:
+    net = runner.net
+    matched, others = _split_params(net)
 
     def class_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(net, {**params, **others}, (x,)), y)
+        return F.cross_entropy(full_precision(functional_call(net, {**params, **others}, (x,))), y)
 
-    return vmap(grad(class_loss), in_dims=(None, 0, 0))(matched, images, labels)
+    if create_graph:
+        return vmap(grad(class_loss), in_dims=(None, 0, 0))(matched, images, labels)
+    with torch.no_grad(), runner.compute.autocast(images.device):
+        return vmap(grad(class_loss), in_dims=(None, 0, 0))(matched, images, labels)
 
 
-def _class_gradients_loop(
-    net: nn.Module, matched: dict[str, Tensor], others: dict[str, Tensor], images: Tensor, labels: Tensor
-) -> dict[str, Tensor]:
-    """Same as `_class_gradients_batched`, one class at a time (fallback)."""
-    create_graph = torch.is_grad_enabled()  # off for the real side, which is a constant target
-    leaves = {name: value.detach().requires_grad_(True) for name, value in matched.items()}
+def _looped(runner: NetworkRunner, images: Tensor, labels: Tensor, create_graph: bool) -> dict:
+    net = runner.net
+    names = matched_names(net)
     per_class: list[tuple[Tensor, ...]] = []
-    for c in range(images.shape[0]):
-        with torch.enable_grad():
-            logits = functional_call(net, {**leaves, **others}, (images[c],))
-            loss = F.cross_entropy(logits, labels[c])
-            per_class.append(torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph))
-    return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(leaves)}
-
-
-class ClassGradients:
-    """Per-class parameter gradients, batched by default; falls back to a loop once if batching fails."""
-
-    def __init__(self, batched: bool = True) -> None:
-        self.batched = batched
-
-    def __call__(self, net: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """images (K, n, C, H, W), labels (K, n) -> {name: (K, *param shape)} for weights of ndim > 1."""
+    if create_graph:
+        # Detached leaves: the image loss's backward must not touch the network's own .grad.
         matched, others = _split_params(net)
-        if self.batched:
-            try:
-                return _class_gradients_batched(net, matched, others, images, labels)
-            except (RuntimeError, NotImplementedError) as error:
-                logger.warning("batched per-class gradients failed (%s); looping over classes", error)
-                self.batched = False
-        return _class_gradients_loop(net, matched, others, images, labels)
+        leaves = {name: value.requires_grad_(True) for name, value in matched.items()}
+        with torch.enable_grad():
+            for c in range(images.shape[0]):
+                logits = functional_call(net, {**leaves, **others}, (images[c],))
+                loss = F.cross_entropy(logits, labels[c])
+                per_class.append(torch.autograd.grad(loss, list(leaves.values()), create_graph=True))
+    else:
+        params = [net.get_parameter(name) for name in names]
+        if not all(p.requires_grad for p in params):
+            raise ValueError("per-class gradients: the network's weights must require grad")
+        with torch.enable_grad():
+            for c in range(images.shape[0]):
+                loss = F.cross_entropy(runner.forward(images[c].detach()), labels[c])
+                per_class.append(tuple(g.detach() for g in torch.autograd.grad(loss, params)))
+    return {name: torch.stack([g[i] for g in per_class]) for i, name in enumerate(names)}
+
+
+def _class_targets(num_classes: int, per_class: int, device: torch.device) -> Tensor:
+    return torch.arange(num_classes, device=device).view(-1, 1).expand(-1, per_class)
 
 
 def matching_loss(
@@ -135,23 +187,23 @@ def matching_loss(
     real_images: Tensor,
     syn_images: Tensor,
     class_gradients: ClassGradients | None = None,
+    runner: NetworkRunner | None = None,
 ) -> Tensor:
     """Sum over classes of DC's gradient distance; differentiable wrt `syn_images`.
 
     real_images (K, n_real, C, H, W), syn_images (K, ipc, C, H, W); slice c holds class c.
     """
     class_gradients = class_gradients or ClassGradients()
-    num_classes = real_images.shape[0]
-    device = real_images.device
-    labels_real = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, real_images.shape[1])
-    labels_syn = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, syn_images.shape[1])
-    with torch.no_grad():  # the real side is a constant target
-        grads_real = class_gradients(net, real_images, labels_real)
-    grads_syn = class_gradients(net, syn_images, labels_syn)
-    names = list(grads_real)
-    return common.gradient_distance(
-        [grads_syn[name] for name in names], [grads_real[name] for name in names], leading=1
+    runner = runner or NetworkRunner(net, FP32, real_images.device)
+    num_classes, device = real_images.shape[0], real_images.device
+    grads_real = class_gradients(
+        runner, real_images, _class_targets(num_classes, real_images.shape[1], device), False
     )
+    grads_syn = class_gradients(
+        runner, syn_images, _class_targets(num_classes, syn_images.shape[1], device), True
+    )
+    names = list(grads_real)
+    return gradient_distance([grads_syn[n] for n in names], [grads_real[n] for n in names], leading=1)
 
 
 def debiased_matching_loss(
@@ -162,6 +214,7 @@ def debiased_matching_loss(
     repulsion: float,
     valid: Tensor | None = None,
     class_gradients: ClassGradients | None = None,
+    runner: NetworkRunner | None = None,
 ) -> Tensor:
     """sum_c D(g_S, g_g) - lambda * D(g_S, g_b), D = DC's gradient distance; differentiable wrt syn.
 
@@ -173,19 +226,21 @@ def debiased_matching_loss(
     `valid` (K,) bool drops the repulsion of classes without an aligned estimate.
     """
     class_gradients = class_gradients or ClassGradients()
-    num_classes = real_images.shape[0]
-    device = real_images.device
-    labels_real = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, real_images.shape[1])
-    labels_aligned = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, aligned_images.shape[1])
-    labels_syn = torch.arange(num_classes, device=device).view(-1, 1).expand(-1, syn_images.shape[1])
-    with torch.no_grad():  # the real sides are constant targets
-        grads_real = class_gradients(net, real_images, labels_real)
-        grads_aligned = class_gradients(net, aligned_images, labels_aligned)
-    grads_syn = class_gradients(net, syn_images, labels_syn)
+    runner = runner or NetworkRunner(net, FP32, real_images.device)
+    num_classes, device = real_images.shape[0], real_images.device
+    grads_real = class_gradients(
+        runner, real_images, _class_targets(num_classes, real_images.shape[1], device), False
+    )
+    grads_aligned = class_gradients(
+        runner, aligned_images, _class_targets(num_classes, aligned_images.shape[1], device), False
+    )
+    grads_syn = class_gradients(
+        runner, syn_images, _class_targets(num_classes, syn_images.shape[1], device), True
+    )
     names = list(grads_real)
-    syn_list = [grads_syn[name] for name in names]
-    attraction = common.gradient_distance_per_class(syn_list, [grads_real[name] for name in names])
-    repelled = common.gradient_distance_per_class(syn_list, [grads_aligned[name] for name in names])
+    syn_list = [grads_syn[n] for n in names]
+    attraction = gradient_distance_per_class(syn_list, [grads_real[n] for n in names])
+    repelled = gradient_distance_per_class(syn_list, [grads_aligned[n] for n in names])
     if valid is not None:
         repelled = repelled * valid.to(repelled.dtype)
     return (attraction - repulsion * repelled).sum()
@@ -195,7 +250,7 @@ def debiased_matching_loss(
 
 
 def train_network(
-    net: nn.Module,
+    runner: NetworkRunner,
     optimizer: torch.optim.Optimizer,
     images: Tensor,
     labels: Tensor,
@@ -215,144 +270,56 @@ def train_network(
             inputs = images[batch]
             if dsa is not None:
                 inputs = dsa_augment(inputs, dsa, generator)
-            loss = F.cross_entropy(net(inputs), labels[batch])
+            loss = F.cross_entropy(runner.forward(inputs), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
 
-# --- the shared DC / DSA loop -----------------------------------------------------------------------
+# --- the matcher --------------------------------------------------------------------------------------
 
 
-def run_gradient_matching(
-    real_images: Tensor,
-    real_labels: Tensor,
-    num_classes: int,
-    cfg: GradientMatchingConfig,
-    net_factory: Callable[[torch.Generator], nn.Module],
-    generator: torch.Generator,
-    dsa: DSAConfig | None,
-    resume: dict | None,
-    on_checkpoint: Callable[[dict], None] | None,
-    checkpoint_every: int,
-    progress: bool,
-    desc: str,
-    batched: bool | None = None,
-    debias: common.DebiasTargets | None = None,
-) -> common.DistillResult:
-    """DC's outer/inner loop; with `dsa`, siamese augmentation in matching and per-sample augmentation
-    in the network updates (DSA). Loss per outer iteration: the mean per-class distance over the outer
-    loop (the reference's logged `loss_avg`), including the repulsion term when `debias.repulsion` > 0.
-    `debias=None` is the plain method; the network updates always train on the synthetic set only.
+class GradientMatching:
+    """DC's part of an outer iteration: `outer_loop` matching steps, training in between (with per-sample
+    DSA when the context has a DSAConfig: that is DSA)."""
 
-    `batched=None` batches the per-class gradients (vmap; one grouped convolution) on accelerators and
-    loops over classes on the CPU, where grouped convolutions measured 2-10x slower than the loop
-    (same maths: tests/test_distill.py checks both paths against a per-class reference).
-    """
-    if batched is None:
-        batched = real_images.device.type != "cpu"
-    common.check_inputs(real_images, real_labels, num_classes)
-    sampler = common.ClassSampler(real_labels, num_classes)
-    sampling = common.real_sampling(sampler, real_labels, num_classes, debias)
-    shape = real_images.shape[1:]
-    ipc, batch_real = cfg.ipc, cfg.batch_real
-    device = real_images.device
+    def __init__(self, cfg: GradientMatchingConfig, context: Context) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.steps = cfg.outer_loop
+        self.class_gradients = ClassGradients()
+        self.optimizer: torch.optim.Optimizer | None = None
 
-    syn = common.init_synthetic(real_images, sampling.init, ipc, cfg.init, generator).requires_grad_(True)
-    syn_labels = common.class_labels(num_classes, ipc, device)
-    real_batch_labels = common.class_labels(num_classes, batch_real, device)
-    if sampling.aligned is None:
-        groups = torch.cat([real_batch_labels, syn_labels])  # siamese: one parameter set per class
-    else:  # the aligned batch shares its class's augmentation parameters too
-        groups = torch.cat([real_batch_labels, real_batch_labels, syn_labels])
-    optimizer_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
-    networks = common.FreshNetworks(net_factory, generator)
-    class_gradients = ClassGradients(batched)
+    def start(self, runner: NetworkRunner) -> None:
+        runner.net.train()
+        runner.net.requires_grad_(True)
+        self.optimizer = torch.optim.SGD(runner.net.parameters(), lr=self.cfg.lr_net)
 
-    start, log = 0, common.LossLog()
-    if resume is not None:
-        start, log = common.restore_state(resume, syn, optimizer_img, generator, cfg.iterations)
-
-    bar = common.progress_bar(start, cfg.iterations, desc, progress)
-    for iteration in bar:
-        net = networks.next(generator)
-        net.train()
-        optimizer_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-        loss_sum = torch.zeros((), device=device, dtype=real_images.dtype)
-        for step in range(cfg.outer_loop):
-            real = real_images[sampling.target.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
-            syn_in = syn
-            if sampling.aligned is None:
-                if dsa is not None:
-                    augmented = dsa_augment(torch.cat([real, syn]), dsa, generator, groups=groups)
-                    real, syn_in = augmented[: real.shape[0]], augmented[real.shape[0] :]
-                loss = matching_loss(
-                    net,
-                    real.view(num_classes, batch_real, *shape),
-                    syn_in.view(num_classes, ipc, *shape),
-                    class_gradients,
-                )
-            else:
-                aligned = real_images[sampling.aligned.sample(batch_real, generator)]
-                if dsa is not None:
-                    augmented = dsa_augment(torch.cat([real, aligned, syn]), dsa, generator, groups=groups)
-                    real, aligned, syn_in = augmented.split([real.shape[0], aligned.shape[0], syn.shape[0]])
-                loss = debiased_matching_loss(
-                    net,
-                    real.view(num_classes, batch_real, *shape),
-                    syn_in.view(num_classes, ipc, *shape),
-                    aligned.view(num_classes, batch_real, *shape),
-                    sampling.repulsion,
-                    sampling.aligned_valid,
-                    class_gradients,
-                )
-            optimizer_img.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer_img.step()
-            loss_sum += loss.detach()
-            if step == cfg.outer_loop - 1:
-                break
-            train_network(
-                net, optimizer_net, syn.detach(), syn_labels, cfg.inner_loop, cfg.batch_train, generator, dsa
-            )
-        log.append(loss_sum / (num_classes * cfg.outer_loop))
-        common.update_progress(bar, iteration, log)
-        common.maybe_checkpoint(
-            iteration + 1, checkpoint_every, on_checkpoint, syn, optimizer_img, generator, log
+    def loss(self, runner: NetworkRunner, batch: Batch) -> Tensor:
+        sampling = self.context.sampling
+        if batch.aligned is None:
+            return matching_loss(runner.net, batch.real, batch.syn, self.class_gradients, runner)
+        return debiased_matching_loss(
+            runner.net,
+            batch.real,
+            batch.syn,
+            batch.aligned,
+            sampling.repulsion,
+            sampling.aligned_valid,
+            self.class_gradients,
+            runner,
         )
-    return common.finish(syn, num_classes, ipc, log)
 
-
-def distill(
-    real_images: Tensor,
-    real_labels: Tensor,
-    num_classes: int,
-    cfg: DCConfig,
-    net_factory: Callable[[torch.Generator], nn.Module],
-    generator: torch.Generator,
-    dsa: DSAConfig | None = None,
-    resume: dict | None = None,
-    on_checkpoint: Callable[[dict], None] | None = None,
-    checkpoint_every: int = 0,
-    progress: bool = True,
-    debias: common.DebiasTargets | None = None,
-) -> common.DistillResult:
-    """Distil with DC. DC uses no augmentation (PROTOCOL section 6): `dsa` is accepted so that every
-    method shares one signature, and ignored. `debias`: debiased real-side targets (None = plain DC)."""
-    if dsa is not None:
-        logger.debug("dc: ignoring the DSA config (DC distils without augmentation)")
-    return run_gradient_matching(
-        real_images,
-        real_labels,
-        num_classes,
-        cfg,
-        net_factory,
-        generator,
-        None,
-        resume,
-        on_checkpoint,
-        checkpoint_every,
-        progress,
-        desc="dc",
-        debias=debias,
-    )
+    def between(self, runner: NetworkRunner, syn: Tensor) -> None:
+        assert self.optimizer is not None  # set by start()
+        context = self.context
+        train_network(
+            runner,
+            self.optimizer,
+            syn,
+            context.syn_labels,
+            self.cfg.inner_loop,
+            self.cfg.batch_train,
+            context.generator,
+            context.dsa,
+        )

@@ -1,0 +1,164 @@
+"""How the networks run: numeric precision, `torch.compile` on the CPU, cache-sized chunks.
+
+The `compute` params section holds the two settings that can change results at float round-off:
+
+- `precision`: `fp32`, or `bf16` = `torch.autocast` with bfloat16 around network passes (matrix maths
+  in bf16 with fp32 accumulation; autocast keeps norms, softmax and losses in fp32). On a CPU with
+  AVX-512 bf16 it is ~1.5-2x faster; tests/test_compute.py bounds its effect on losses and accuracy.
+- `compile`: run network passes through `torch.compile` (inductor) on the CPU, which fuses instance
+  norm, ReLU and pooling into one C++ loop per block (eager PyTorch makes a full pass over a layer's
+  activations for each op; the profile of a DM iteration was 40% convolution, 41% norm/ReLU/pool).
+  The first call of each input shape compiles (seconds; cached on disk by inductor). If compiling
+  fails (no C++ compiler), biasdd warns once and runs eagerly. On accelerators it is not used: their
+  batched (vmap) paths are kept as they are.
+
+On the CPU a network pass over many images is also cut into chunks of `CPU_CHUNK` images, so that a
+layer's activations stay in cache (one pass over 640 images at width 32 is ~100 MB per layer);
+each image's output does not depend on its batch-mates (instance norm), so chunking changes nothing
+but float round-off. Accelerators run whole batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from biasdd.config import Config
+
+log = logging.getLogger(__name__)
+
+CPU_CHUNK = 128  # images per network pass on the CPU (measured: 64-128 fastest at width 32 and 128)
+_COMPILE_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, OSError, ImportError, AssertionError)
+
+
+@dataclass(frozen=True)
+class ComputeConfig(Config):
+    """The `compute` params section."""
+
+    SECTION: ClassVar[str] = "compute"
+
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast around network passes
+    compile: bool = False  # torch.compile network passes on the CPU
+
+    def autocast(self, device: torch.device | str) -> contextlib.AbstractContextManager:
+        """The autocast context for network passes on `device` (a no-op for fp32)."""
+        device_type = torch.device(device).type
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
+    def compiles_on(self, device: torch.device | str) -> bool:
+        return self.compile and torch.device(device).type == "cpu"
+
+
+FP32 = ComputeConfig()
+
+
+class Compiled:
+    """`fn` through `torch.compile` when asked for (CPU only), else `fn` itself.
+
+    Compiling costs seconds per input shape, so only hot shapes are compiled: a call runs eagerly
+    until its (shape, grad mode) has been seen `COMPILE_AFTER` times. A training loop's main batch
+    compiles after a few steps; a one-off shape (the last, partial batch of an epoch) stays eager
+    instead of triggering a recompilation. If compiling fails (no C++ compiler), one warning, then
+    eager for good.
+    """
+
+    COMPILE_AFTER = 4
+
+    def __init__(self, fn: Callable[..., Any], enabled: bool) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=False) if enabled else None
+        self.seen: dict[tuple, int] = {}
+
+    def __call__(self, x: Tensor) -> Any:
+        if self.compiled is not None:
+            key = (tuple(x.shape), x.dtype, torch.is_grad_enabled())
+            count = self.seen.get(key, 0) + 1
+            self.seen[key] = count
+            if count >= self.COMPILE_AFTER:
+                try:
+                    return self.compiled(x)
+                except _COMPILE_ERRORS as error:  # a backend failure surfaces at the first call
+                    if not _is_compile_failure(error):
+                        raise
+                    log.warning(
+                        "torch.compile failed (%s); running eagerly", str(error).splitlines()[0][:200]
+                    )
+                    self.compiled = None
+        return self.fn(x)
+
+
+def _is_compile_failure(error: BaseException) -> bool:
+    """Compiler/backend errors (no C++ compiler, inductor failure), not errors of the maths itself."""
+    try:
+        from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+
+        if isinstance(error, BackendCompilerFailed):
+            return True
+        if isinstance(error, TorchRuntimeError):
+            return False
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    text = f"{type(error).__name__}: {error}"
+    return any(key in text for key in ("InductorError", "CppCompileError", "compiler", "BackendCompiler"))
+
+
+class NetworkRunner:
+    """Runs one network's passes under the compute settings: autocast, compile on the CPU, and
+    (for `embed_chunks`) cache-sized chunks on the CPU.
+
+    `net` keeps its parameters; the compiled functions read them at every call, so in-place
+    re-initialisation (fresh networks) and optimiser steps need no recompilation.
+    """
+
+    def __init__(self, net: nn.Module, compute: ComputeConfig, device: torch.device | str) -> None:
+        self.net = net
+        self.compute = compute
+        self.device = torch.device(device)
+        enabled = compute.compiles_on(self.device)
+        self._forward = Compiled(net, enabled)
+        self._embed = Compiled(net.embed, enabled) if hasattr(net, "embed") else None
+        self.chunk = CPU_CHUNK if self.device.type == "cpu" else 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of `x` (float32 under bf16 autocast), differentiable."""
+        with self.compute.autocast(self.device):
+            return full_precision(self._forward(x.contiguous()))  # one layout: compiled graphs guard strides
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Features before the classifier of `x` (float32 under bf16 autocast), differentiable, one pass."""
+        if self._embed is None:
+            raise ValueError("network: this network has no `embed` method (features before the head)")
+        with self.compute.autocast(self.device):
+            return full_precision(self._embed(x.contiguous()))
+
+    def embed_chunks(self, x: Tensor) -> Tensor:
+        """`embed` over cache-sized chunks on the CPU (one pass on accelerators); for no-grad passes."""
+        if not self.chunk or x.shape[0] <= self.chunk:
+            return self.embed(x)
+        return torch.cat([self.embed(part) for part in x.split(self.chunk)])
+
+    def forward_chunks(self, x: Tensor) -> Tensor:
+        """`forward` over cache-sized chunks on the CPU; for no-grad passes (scoring)."""
+        if not self.chunk or x.shape[0] <= self.chunk:
+            return self.forward(x)
+        return torch.cat([self.forward(part) for part in x.split(self.chunk)])
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """bf16/fp16 results (of autocast) as float32; float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def chunks(count: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive chunks of at most `size` (all of `count` when size is 0)."""
+    size = size or count
+    for start in range(0, count, size):
+        yield start, min(start + size, count)

@@ -1,0 +1,437 @@
+"""The one distillation loop. A method (DC, DSA, DM, or a new one) supplies only what differs.
+
+The driver owns everything methods share (docs/protocol.md §6): input checks, the real-image samplers
+(debiased or not), the synthetic init, the image optimiser, a fresh network per outer iteration,
+drawing each step's real (and bias-aligned) batches with siamese DSA, the loss log, progress,
+checkpoints and resume. A method is a `Method` registry entry: its config class (the params section
+`distill.<key>`) and a `Matcher` that says how many image steps an outer iteration takes, what the
+loss of one step is, and what happens between steps (DC/DSA train the network; DM does nothing).
+
+Random numbers all come from the caller's `torch.Generator`, in a fixed order; the generator's state
+plus the synthetic images and the image optimiser's state are the whole state of a run, so a
+checkpoint of those resumes bit-identically.
+
+    result = METHODS["dm"](real_images, real_labels, num_classes, cfg, net_factory, generator, dsa=dsa)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from biasdd.augment import DSAConfig, dsa_augment
+from biasdd.compute import FP32, ComputeConfig, NetworkRunner
+from biasdd.config import Config, Fraction, PositiveFloat, PositiveInt
+from biasdd.distill.sampling import ClassSampler, DebiasTargets, RealSampling, Sampler, real_sampling
+
+logger = logging.getLogger(__name__)
+
+POSTFIX_EVERY = 25  # iterations between progress-bar loss updates (each one syncs the device once)
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """What every method's params section `distill.<key>` holds (docs/protocol.md §6)."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    ipc: PositiveInt  # synthetic images per class
+    iterations: PositiveInt  # outer iterations
+    lr_img: PositiveFloat  # image SGD learning rate
+    momentum_img: Fraction  # image SGD momentum
+    batch_real: PositiveInt  # real images per class per image step
+    init: Literal["noise", "real"]  # synthetic init: N(0, 1) noise, or random real images of the class
+
+
+@dataclass
+class DistillResult:
+    """A distilled set: images (K * ipc, C, H, W) float32 on CPU in normalised space, labels (K * ipc,)
+    int64 sorted by class, and one loss per outer iteration."""
+
+    images: Tensor
+    labels: Tensor
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """One image step's inputs, class-major: slice c of each tensor holds class c."""
+
+    real: Tensor  # (K, batch_real, C, H, W), a constant target
+    syn: Tensor  # (K, ipc, C, H, W), differentiable wrt the synthetic images
+    aligned: Tensor | None  # (K, batch_real, C, H, W): the bias-aligned batch, with repulsion only
+
+
+@dataclass
+class Context:
+    """What a method's matcher knows about the run."""
+
+    num_classes: int
+    ipc: int
+    syn_labels: Tensor  # (K * ipc,) int64, sorted by class
+    sampling: RealSampling  # repulsion, max_shift, aligned_valid for debiased losses
+    dsa: DSAConfig | None  # the DSA parameters when the method uses them
+    generator: torch.Generator
+    device: torch.device
+
+
+class Matcher(Protocol):
+    """A method's part of one outer iteration (a fresh network each time)."""
+
+    steps: int  # image steps per outer iteration
+
+    def start(self, runner: NetworkRunner) -> None:
+        """Called with the fresh network (in `runner.net`) before the first image step."""
+
+    def loss(self, runner: NetworkRunner, batch: Batch) -> Tensor:
+        """The step's loss, summed over classes; differentiable wrt `batch.syn`."""
+
+    def between(self, runner: NetworkRunner, syn: Tensor) -> None:
+        """After every image step but the last (e.g. train the network on the detached `syn`)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry: the config of `distill.<name>` and the matcher built from it."""
+
+    name: str
+    config: type[DistillConfig]
+    matcher: Callable[[Any, Context], Matcher]  # (config, context) -> Matcher
+    uses_dsa: bool  # real and synthetic batches get siamese DSA when a DSAConfig is given
+
+    def __call__(
+        self,
+        real_images: Tensor,
+        real_labels: Tensor,
+        num_classes: int,
+        cfg: DistillConfig,
+        net_factory: Callable[[torch.Generator], nn.Module],
+        generator: torch.Generator,
+        dsa: DSAConfig | None = None,
+        compute: ComputeConfig = FP32,
+        resume: Mapping[str, Any] | None = None,
+        on_checkpoint: Callable[[dict], None] | None = None,
+        checkpoint_every: int = 0,
+        progress: bool = True,
+        debias: DebiasTargets | None = None,
+    ) -> DistillResult:
+        """Distil with this method; see `distill`."""
+        return distill(
+            self,
+            real_images,
+            real_labels,
+            num_classes,
+            cfg,
+            net_factory,
+            generator,
+            dsa=dsa,
+            compute=compute,
+            resume=resume,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            debias=debias,
+        )
+
+
+def distill(
+    method: Method,
+    real_images: Tensor,
+    real_labels: Tensor,
+    num_classes: int,
+    cfg: DistillConfig,
+    net_factory: Callable[[torch.Generator], nn.Module],
+    generator: torch.Generator,
+    dsa: DSAConfig | None = None,
+    compute: ComputeConfig = FP32,
+    resume: Mapping[str, Any] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    debias: DebiasTargets | None = None,
+) -> DistillResult:
+    """Distil `real_images` (N, C, H, W) with labels (N,) into `cfg.ipc` images per class.
+
+    Each outer iteration draws a fresh network; the method's matcher then takes `steps` image steps,
+    each on a new real batch of `cfg.batch_real` images per class (plus a bias-aligned batch when
+    `debias.repulsion` > 0), with one siamese DSA call over real and synthetic images (one parameter set
+    per class) when the method uses DSA. The loss logged per outer iteration is the per-class mean over
+    its steps (the reference's `loss_avg`). `resume`: a `checkpoint_state` snapshot to continue from;
+    `on_checkpoint` gets one every `checkpoint_every` outer iterations. `debias=None` is the plain method.
+    """
+    check_inputs(real_images, real_labels, num_classes)
+    device = real_images.device
+    sampling = real_sampling(ClassSampler(real_labels, num_classes), real_labels, num_classes, debias)
+    dsa = dsa if method.uses_dsa else None
+    ipc, batch_real, shape = cfg.ipc, cfg.batch_real, real_images.shape[1:]
+
+    syn = init_synthetic(real_images, sampling.init, ipc, cfg.init, generator).requires_grad_(True)
+    syn_labels = class_labels(num_classes, ipc, device)
+    real_groups = class_labels(num_classes, batch_real, device)
+    # siamese: the class is the group id, shared by its real, aligned and synthetic images
+    groups = torch.cat([real_groups] * (1 if sampling.aligned is None else 2) + [syn_labels])
+    optimizer = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    networks = FreshNetworks(net_factory, generator)
+    runner = NetworkRunner(networks.net, compute, device)
+    context = Context(num_classes, ipc, syn_labels, sampling, dsa, generator, device)
+    matcher = method.matcher(cfg, context)
+
+    start, log = 0, LossLog()
+    if resume is not None:
+        start, log = restore_state(resume, syn, optimizer, generator, cfg.iterations)
+
+    bar = progress_bar(start, cfg.iterations, method.name, progress)
+    for iteration in bar:
+        net = networks.next(generator)
+        if net is not runner.net:  # a network reinitialise_ does not know is rebuilt every time
+            runner = NetworkRunner(net, compute, device)
+        matcher.start(runner)
+        total = torch.zeros((), device=device, dtype=real_images.dtype)
+        for step in range(matcher.steps):
+            real = real_images[sampling.target.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
+            aligned = None
+            if sampling.aligned is not None:
+                aligned = real_images[sampling.aligned.sample(batch_real, generator)]
+            syn_in = syn
+            if dsa is not None:
+                parts = [real, syn] if aligned is None else [real, aligned, syn]
+                constant = sum(p.shape[0] for p in parts[:-1])  # real (and aligned) images: no graph
+                augmented = dsa_augment(torch.cat(parts), dsa, generator, groups=groups, constant=constant)
+                pieces = augmented.split([p.shape[0] for p in parts])
+                real, syn_in = pieces[0], pieces[-1]
+                aligned = pieces[1] if aligned is not None else None
+            batch = Batch(
+                real.view(num_classes, batch_real, *shape),
+                syn_in.view(num_classes, ipc, *shape),
+                None if aligned is None else aligned.view(num_classes, batch_real, *shape),
+            )
+            loss = matcher.loss(runner, batch)
+            optimizer.zero_grad(set_to_none=True)
+            (syn.grad,) = torch.autograd.grad(loss, [syn])  # only the images' gradient is needed
+            optimizer.step()
+            total += loss.detach()
+            if step < matcher.steps - 1:
+                matcher.between(runner, syn.detach())
+        log.append(total / (num_classes * matcher.steps))
+        update_progress(bar, iteration, log)
+        maybe_checkpoint(iteration + 1, checkpoint_every, on_checkpoint, syn, optimizer, generator, log)
+    return finish(syn, num_classes, ipc, log)
+
+
+# --- synthetic init ---------------------------------------------------------------------------------
+
+
+def class_labels(num_classes: int, per_class: int, device: torch.device | str) -> Tensor:
+    """(K * per_class,) int64: [0] * per_class + [1] * per_class + ..."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+def init_synthetic(
+    real_images: Tensor,
+    sampler: Sampler,
+    ipc: int,
+    init: str,
+    generator: torch.Generator,
+) -> Tensor:
+    """(K * ipc, C, H, W) synthetic images sorted by class: N(0, 1) noise (in normalised space) or
+    random real images of each class (distinct where the class allows)."""
+    num_images = sampler.num_classes * ipc
+    if init == "noise":
+        shape = (num_images, *real_images.shape[1:])
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+        return noise.to(device=real_images.device, dtype=real_images.dtype)
+    return real_images[sampler.sample_distinct(ipc, generator)].detach().clone()
+
+
+# --- fresh networks ---------------------------------------------------------------------------------
+
+_REINIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+def can_reinitialise(net: nn.Module) -> bool:
+    """Whether `reinitialise_` knows every parametrised module of `net`."""
+    for module in net.modules():
+        if any(True for _ in module.parameters(recurse=False)) and not isinstance(module, _REINIT_TYPES):
+            return False
+    return True
+
+
+@torch.no_grad()
+def reinitialise_(net: nn.Module, generator: torch.Generator) -> None:
+    """Re-draw `net`'s parameters in place from `generator` with torch's default init distribution.
+
+    Conv and linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (what kaiming_uniform_ with
+    a = sqrt(5) gives); norm layers: weight 1, bias 0. Cheaper than building a new module every
+    iteration, and no global RNG is touched. Buffers (e.g. batch-norm running stats) are reset too.
+    """
+    for module in net.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            for param in (module.weight, module.bias):
+                if param is None:
+                    continue
+                draw = torch.rand(param.shape, generator=generator, device=generator.device)
+                draw = draw.to(device=param.device, dtype=param.dtype, non_blocking=True)
+                param.copy_(draw * (2 * bound) - bound)
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)):
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+            if getattr(module, "weight", None) is not None:
+                module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+
+class FreshNetworks:
+    """A freshly initialised network per outer iteration, drawn from the generator.
+
+    Builds one network with `net_factory` and re-draws its parameters in place each time when every
+    module is known (see `reinitialise_`); otherwise calls `net_factory` every time.
+    """
+
+    def __init__(self, net_factory: Callable[[torch.Generator], nn.Module], generator: torch.Generator):
+        self.net_factory = net_factory
+        self.net = net_factory(generator)
+        self.in_place = can_reinitialise(self.net)
+        if not self.in_place:
+            logger.info("network has modules reinitialise_ does not know: building a new one per iteration")
+
+    def next(self, generator: torch.Generator) -> nn.Module:
+        if self.in_place:
+            reinitialise_(self.net, generator)
+        else:
+            self.net = self.net_factory(generator)
+        return self.net
+
+
+# --- checkpoint state, losses, progress -------------------------------------------------------------
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+class LossLog:
+    """One loss per outer iteration, kept on the device and converted only when asked."""
+
+    def __init__(self, done: Sequence[float] = ()) -> None:
+        self.done = [float(v) for v in done]
+        self.pending: list[Tensor] = []
+
+    def append(self, loss: Tensor) -> None:
+        self.pending.append(loss.detach().reshape(()))
+
+    def values(self) -> list[float]:
+        if self.pending:
+            self.done.extend(torch.stack(self.pending).double().cpu().tolist())
+            self.pending = []
+        return list(self.done)
+
+    def latest(self) -> float | None:
+        if self.pending:
+            return float(self.pending[-1])
+        return self.done[-1] if self.done else None
+
+
+def checkpoint_state(
+    iteration: int, images: Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator, log: LossLog
+) -> dict[str, Any]:
+    """A self-contained snapshot (CPU copies) of a run after `iteration` completed outer iterations."""
+    return {
+        "iteration": iteration,
+        "images": images.detach().to("cpu", copy=True),
+        "optimizer": _to_cpu(optimizer.state_dict()),
+        "generator": generator.get_state(),
+        "losses": log.values(),
+    }
+
+
+def restore_state(
+    state: Mapping[str, Any],
+    images: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    iterations: int,
+) -> tuple[int, LossLog]:
+    """Load a `checkpoint_state` snapshot into the live objects; returns (start iteration, loss log)."""
+    missing = sorted({"iteration", "images", "optimizer", "generator", "losses"} - set(state))
+    if missing:
+        raise KeyError(f"resume: checkpoint state lacks {missing}")
+    start = int(state["iteration"])
+    if not 0 <= start <= iterations:
+        raise ValueError(f"resume: iteration {start} is outside [0, {iterations}]")
+    if tuple(state["images"].shape) != tuple(images.shape):
+        raise ValueError(
+            f"resume: images of shape {tuple(state['images'].shape)} do not fit {tuple(images.shape)}"
+        )
+    with torch.no_grad():
+        images.copy_(state["images"].to(device=images.device, dtype=images.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"].cpu())
+    return start, LossLog(state["losses"])
+
+
+def progress_bar(start: int, total: int, desc: str, enabled: bool) -> Iterator[int] | Any:
+    """A tqdm over outer iterations that switches itself off without a terminal (`disable=None`)."""
+    return tqdm(range(start, total), initial=start, total=total, desc=desc, disable=None if enabled else True)
+
+
+def update_progress(bar: Any, iteration: int, log: LossLog) -> None:
+    """Show the latest loss every POSTFIX_EVERY iterations (one device sync each time), if shown."""
+    if getattr(bar, "disable", True) or iteration % POSTFIX_EVERY:
+        return
+    latest = log.latest()
+    if latest is not None:
+        bar.set_postfix(loss=f"{latest:.4f}", refresh=False)
+
+
+def finish(images: Tensor, num_classes: int, ipc: int, log: LossLog) -> DistillResult:
+    return DistillResult(
+        images=images.detach().to("cpu", dtype=torch.float32, copy=True),
+        labels=class_labels(num_classes, ipc, "cpu"),
+        losses=log.values(),
+    )
+
+
+def maybe_checkpoint(
+    iteration_done: int,
+    checkpoint_every: int,
+    on_checkpoint: Callable[[dict], None] | None,
+    images: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    log: LossLog,
+) -> None:
+    """Call `on_checkpoint` after every `checkpoint_every` completed outer iterations."""
+    if on_checkpoint is None or checkpoint_every <= 0 or iteration_done % checkpoint_every:
+        return
+    on_checkpoint(checkpoint_state(iteration_done, images, optimizer, generator, log))
+
+
+def check_inputs(real_images: Tensor, real_labels: Tensor, num_classes: int) -> None:
+    if real_images.ndim != 4:
+        raise ValueError(f"real_images: expected (N, C, H, W), got shape {tuple(real_images.shape)}")
+    if real_labels.shape != real_images.shape[:1]:
+        raise ValueError(
+            f"real_labels: shape {tuple(real_labels.shape)} does not match {real_images.shape[0]} images"
+        )
+    if real_labels.dtype != torch.int64:
+        raise ValueError(f"real_labels: expected int64, got {real_labels.dtype}")
+    if real_labels.device != real_images.device:
+        raise ValueError(f"real_labels on {real_labels.device} but real_images on {real_images.device}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes: {num_classes!r} must be >= 1")

@@ -1,0 +1,188 @@
+"""The `distill@<method>` stage: params -> checked configs, biased.h5 -> synthetic sets -> artifact.
+
+`configure(params, method)` validates every param the stage reads, before any work; `run` distils
+`distill.repeats` synthetic sets (each its own derived seed), resuming from checkpoints;
+`synthetic_groups` and `loss_table` lay out `data/synthetic/<method>.h5` and the loss curve CSV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from biasdd import io
+from biasdd.augment import DSAConfig, dsa_config
+from biasdd.config import Config, NonNegativeInt, PositiveInt, derive_seed, from_dict, section
+from biasdd.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
+from biasdd.debias import DebiasConfig, debias_targets
+from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
+from biasdd.errors import ArtifactError, ConfigError
+from biasdd.run import RunConfig, net_factory, run_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillShared(Config):
+    """The keys of the `distill` section that every method shares."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    repeats: PositiveInt  # distillations per method, each with its own derived seed
+    checkpoint_every: NonNegativeInt  # outer iterations between checkpoints (0 = never)
+
+
+@dataclass(frozen=True)
+class DistillSetup:
+    method: str
+    run: RunConfig
+    cfg: DistillConfig  # the method's config class (METHODS[method].config)
+    dsa: DSAConfig | None
+    shared: DistillShared
+    debias: DebiasConfig
+
+    def provenance(self) -> dict[str, Any]:
+        out = {
+            "method": self.method,
+            **self.run.provenance(),
+            "repeats": self.shared.repeats,
+            "config": dataclasses.asdict(self.cfg),
+            "dsa": dataclasses.asdict(self.dsa) if self.dsa else None,
+        }
+        if self.debias.mode != "none":  # `none` keeps the plain methods' artifacts and checkpoints
+            out["debias"] = dataclasses.asdict(self.debias)
+        return out
+
+
+def configure(params: Mapping[str, Any], method: str) -> DistillSetup:
+    """Validate every param the distill@<method> stage uses."""
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r} is not valid; choose one of {sorted(METHODS)}")
+    run = run_config(params)
+    cfg = from_dict(METHODS[method].config, section(params, "distill", method), f"distill.{method}")
+    shared = from_dict(
+        DistillShared, {k: section(params, "distill", k) for k in ("repeats", "checkpoint_every")}, "distill"
+    )
+    dsa = dsa_config(params, run.dataset) if METHODS[method].uses_dsa else None
+    debias = from_dict(DebiasConfig, section(params, "debias"), "debias")
+    return DistillSetup(method, run, cfg, dsa, shared, debias)
+
+
+def debias_targets_for(
+    setup: DistillSetup, train: BiasedSplit, labels: Tensor, bias_model_path: Path | None
+) -> DebiasTargets | None:
+    """The methods' `debias=` argument: None for `none`; attribute labels for `groups`; the biased
+    model's scores (the bias_model stage's `train/scores`) for `inferred`."""
+    scores = None
+    if setup.debias.mode == "inferred":
+        if bias_model_path is None:
+            raise ConfigError("debias.mode 'inferred' needs --bias-model (the bias_model stage's output)")
+        scores = torch.from_numpy(
+            io.read_h5(bias_model_path, "train", ("scores",), kind="bias_model")["scores"]
+        )
+        if scores.shape != labels.shape:
+            raise ArtifactError(
+                f"{bias_model_path}: {scores.shape[0]} scores for {labels.shape[0]} training images (made from "
+                "another biased.h5?); rebuild it with `dvc repro bias_model`"
+            )
+    return debias_targets(
+        setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), scores=scores
+    )
+
+
+def checkpoint_path(checkpoint_dir: Path, method: str, repeat: int) -> Path:
+    return checkpoint_dir / f"{method}_repeat{repeat}.pt"
+
+
+def run(
+    setup: DistillSetup,
+    data_path: Path,
+    checkpoint_dir: Path | None,
+    progress: bool = True,
+    bias_model_path: Path | None = None,
+) -> tuple[list[DistillResult], np.ndarray, np.ndarray]:
+    """Distil `distill.repeats` synthetic sets from the biased training split, resuming from checkpoints.
+
+    A checkpoint is used only when it was made by the same config on the same data (fingerprint).
+    """
+    mean, std = train_stats(data_path)
+    train = load_split(data_path, "train", mean, std)
+    device = setup.run.device
+    images, labels = train.images.to(device), train.labels.to(device)
+    channels, im_size = images.shape[1], images.shape[-1]
+    targets = debias_targets_for(setup, train, labels, bias_model_path)
+    identity = {**setup.provenance(), "data": io.md5_file(data_path)}
+    if setup.debias.mode == "inferred" and bias_model_path is not None:
+        identity["bias_model"] = io.md5_file(bias_model_path)
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    method = METHODS[setup.method]
+    results = []
+    for repeat in range(setup.shared.repeats):
+        generator = torch.Generator().manual_seed(
+            derive_seed(setup.run.seed, "distill", setup.method, repeat)
+        )
+        resume, on_checkpoint = None, None
+        if checkpoint_dir is not None and setup.shared.checkpoint_every > 0:
+            path = checkpoint_path(checkpoint_dir, setup.method, repeat)
+            saved = io.load_checkpoint(path)
+            if saved is not None and saved.get("fingerprint") == fingerprint:
+                resume = saved["state"]
+                log.info("resuming %s repeat %d from iteration %d", setup.method, repeat, resume["iteration"])
+            elif saved is not None:
+                log.info("ignoring %s: made by other params or data", path)
+
+            def on_checkpoint(state: dict, _path: Path = path) -> None:
+                io.save_checkpoint(_path, {"fingerprint": fingerprint, "state": state})
+
+        result = method(
+            images,
+            labels,
+            NUM_CLASSES,
+            setup.cfg,
+            net_factory(setup.run, channels, im_size),
+            generator,
+            dsa=setup.dsa,
+            compute=setup.run.compute,
+            resume=resume,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=setup.shared.checkpoint_every,
+            progress=progress,
+            debias=targets,
+        )
+        results.append(result)
+    return results, mean, std
+
+
+def synthetic_groups(results: list[DistillResult], mean: np.ndarray, std: np.ndarray) -> dict:
+    """The groups of `data/synthetic/<method>.h5`: `normalisation` and one `repeat_<r>` per distillation."""
+    groups: dict[str, dict[str, np.ndarray]] = {
+        "normalisation": {
+            "mean": np.asarray(mean, dtype=np.float64),
+            "std": np.asarray(std, dtype=np.float64),
+        }
+    }
+    for repeat, result in enumerate(results):
+        groups[f"repeat_{repeat}"] = {
+            "images": result.images.detach().cpu().numpy().astype(np.float32),
+            "labels": result.labels.cpu().numpy().astype(np.int64),
+            "loss": np.asarray(result.losses, dtype=np.float64),
+        }
+    return groups
+
+
+def loss_table(results: list[DistillResult]) -> str:
+    """CSV for `dvc plots`: iteration, repeat, loss."""
+    lines = ["iteration,repeat,loss"]
+    for repeat, result in enumerate(results):
+        lines += [f"{i},{repeat},{loss:.6g}" for i, loss in enumerate(result.losses)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,101 @@
+"""What every training stage shares: the dataset, seed, budget, device, network and compute settings.
+
+`run_config(params)` validates the top-level keys and the `model` and `compute` sections once for the
+stages that train networks (bias_model, bias_classifier, distill, evaluate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from biasdd.compute import ComputeConfig
+from biasdd.config import (
+    Config,
+    NonNegativeInt,
+    PositiveInt,
+    check_device,
+    from_dict,
+    resolve_device,
+    section,
+)
+from biasdd.data import NUM_CLASSES
+from biasdd.errors import ConfigError
+from biasdd.nets import NETWORKS, build_network
+
+BUDGETS = ("quick", "paper")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """The `model` section: the network (docs/protocol.md §5)."""
+
+    SECTION: ClassVar[str] = "model"
+
+    net: str
+    width: PositiveInt
+
+    def check(self, where: str) -> None:
+        if self.net not in NETWORKS:
+            raise ConfigError(f"{where}.net: {self.net!r} is not valid; choose one of {sorted(NETWORKS)}")
+
+
+@dataclass(frozen=True)
+class RunKeys(Config):
+    """The top-level keys a training stage reads."""
+
+    dataset: Literal["cmnist", "ccifar10"]
+    seed: NonNegativeInt
+    budget: Literal["quick", "paper"]
+    device: str
+
+    def check(self, where: str) -> None:
+        check_device(self.device)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every training stage shares."""
+
+    dataset: str
+    seed: int
+    budget: str
+    device: str  # resolved: cpu, cuda, cuda:N
+    model: ModelConfig
+    compute: ComputeConfig
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "dataset": self.dataset,
+            "seed": self.seed,
+            "model": dataclasses.asdict(self.model),
+            "compute": dataclasses.asdict(self.compute),
+        }
+
+
+def run_config(params: Mapping[str, Any]) -> RunConfig:
+    """Validate the keys every training stage reads; resolve the device."""
+    keys = from_dict(RunKeys, {k: section(params, k) for k in ("dataset", "seed", "budget", "device")}, "")
+    model = from_dict(ModelConfig, section(params, "model"), "model")
+    compute = from_dict(ComputeConfig, section(params, "compute"), "compute")
+    return RunConfig(keys.dataset, keys.seed, keys.budget, resolve_device(keys.device), model, compute)
+
+
+def net_factory(
+    run: RunConfig, channels: int, im_size: int, width: int | None = None
+) -> Callable[[torch.Generator], nn.Module]:
+    """generator -> a freshly initialised network of `run.model` (at `width` if given), on the device."""
+
+    def make(generator: torch.Generator) -> nn.Module:
+        net = build_network(
+            run.model.net, channels, NUM_CLASSES, im_size, width or run.model.width, generator=generator
+        )
+        return net.to(run.device)
+
+    return make
