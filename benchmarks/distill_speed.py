@@ -1,6 +1,6 @@
 """Seconds per outer iteration and peak GPU memory of DC, DSA and DM on random data.
 
-Paper settings by default (PROTOCOL section 6): IPC 50, ConvNet-3 width 128, 10 classes, batch_real
+Paper settings by default (docs/protocol.md §6): IPC 50, ConvNet-3 width 128, 10 classes, batch_real
 256, outer_loop 50 / inner_loop 10, DSA strategy without flip for the MNIST shape. Shapes: `mnist` =
 3x28x28 (CMNIST-DD, padded to 32 inside the net), `cifar` = 3x32x32.
 
@@ -36,7 +36,7 @@ PAPER = {"width": 128, "ipc": 50, "outer_loop": 50, "inner_loop": 10, "batch_rea
 
 
 def dsa_config(shape: str) -> DSAConfig:
-    # PROTOCOL section 6: the full strategy, without flip for digits.
+    # docs/protocol.md §6: the full strategy, without flip for digits.
     ops = "color_crop_cutout_scale_rotate" if shape == "mnist" else "color_crop_cutout_flip_scale_rotate"
     return DSAConfig(ops, 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)
 

@@ -31,8 +31,8 @@ from biasdd.nets import build_network
 
 NUM_CLASSES = 10
 SYNTHETIC_N = 500  # IPC 50 x 10 classes
-PROTOCOL_EPOCHS_SYNTHETIC = 1000
-PROTOCOL_EPOCHS_FULL = 150
+PAPER_EPOCHS_SYNTHETIC = 1000
+PAPER_EPOCHS_FULL = 150
 
 
 def device_name(device: torch.device) -> str:
@@ -138,8 +138,8 @@ def main() -> None:
     print(
         f"| (a) synthetic set, {args.nets} nets {how} | {name} | N={SYNTHETIC_N} 3x32x32, width "
         f"{args.width}, batch 256, {args.epochs} epochs | {seconds:.2f} s ({1e3 * per_epoch:.1f} ms/epoch, "
-        f"{1e3 * per_epoch / args.nets:.1f} ms/epoch/net) | {PROTOCOL_EPOCHS_SYNTHETIC} epochs: "
-        f"{PROTOCOL_EPOCHS_SYNTHETIC * per_epoch:.1f} s for {args.nets} nets |"
+        f"{1e3 * per_epoch / args.nets:.1f} ms/epoch/net) | {PAPER_EPOCHS_SYNTHETIC} epochs: "
+        f"{PAPER_EPOCHS_SYNTHETIC * per_epoch:.1f} s for {args.nets} nets |"
     )
     if not args.skip_full:
         seconds = time_training(
@@ -149,7 +149,7 @@ def main() -> None:
         print(
             f"| (b) full set, {args.full_nets} net(s) {how} | {name} | N={args.full_n} 3x28x28, width "
             f"{args.width}, batch 256, {args.full_epochs} epoch(s) | {per_epoch_per_net:.2f} s/epoch/net | "
-            f"{PROTOCOL_EPOCHS_FULL} epochs: {PROTOCOL_EPOCHS_FULL * per_epoch_per_net / 60:.1f} min/net "
+            f"{PAPER_EPOCHS_FULL} epochs: {PAPER_EPOCHS_FULL * per_epoch_per_net / 60:.1f} min/net "
             f"(x {60_000 / args.full_n:.1f} for N=60,000 if reduced) |"
         )
 

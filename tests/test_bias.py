@@ -28,7 +28,7 @@ def _labels(sizes):
 
 
 def _expected_counts(n, rho, label):
-    """PROTOCOL section 2 written out per sample, independently of the implementation."""
+    """docs/protocol.md §2 written out per sample, independently of the implementation."""
     probs = [rho if a == label else (1 - rho) / 9 for a in range(10)]
     milestones, total = [], 0.0
     for p in probs:

@@ -38,7 +38,7 @@ def _all_cases() -> list[tuple[str, int, str]]:
 
 
 def test_registry_matches_protocol_order() -> None:
-    # PROTOCOL.md section 4: attribute k is the aligned corruption of CIFAR-10 class k
+    # docs/protocol.md §4: attribute k is the aligned corruption of CIFAR-10 class k
     assert CORRUPTIONS == (
         "snow",
         "frost",
@@ -110,7 +110,7 @@ def test_imagenet_c_is_the_package_function(image: np.ndarray, name: str, severi
 
 
 def test_cifar10c_milder_than_imagenet_c_for_jpeg(image: np.ndarray) -> None:
-    # PROTOCOL.md: quality 40 (CIFAR-10-C level 5) vs 7 (ImageNet-C level 5) at study severity 4
+    # docs/protocol.md §4: quality 40 (CIFAR-10-C level 5) vs 7 (ImageNet-C level 5) at study severity 4
     attribute = CORRUPTIONS.index("jpeg_compression")
     errors = [
         np.abs(corrupt(image, attribute, 4, protocol, np.random.default_rng(0)).astype(int) - image).mean()
@@ -171,7 +171,7 @@ def _hsv_map(image: np.ndarray, fn) -> np.ndarray:
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_brightness_formula(image: np.ndarray, severity: int) -> None:
-    add = (0.1, 0.15, 0.2, 0.3)[severity - 1]  # PROTOCOL.md section 4
+    add = (0.1, 0.15, 0.2, 0.3)[severity - 1]  # docs/protocol.md §4
     expected = _hsv_map(image, lambda h, s, v: (h, s, min(max(v + add, 0.0), 1.0)))
     out = corrupt(image, CORRUPTIONS.index("brightness"), severity, "cifar10c", np.random.default_rng(0))
     # floor of nearly equal floats can differ by one level
@@ -180,7 +180,7 @@ def test_brightness_formula(image: np.ndarray, severity: int) -> None:
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_saturate_formula(image: np.ndarray, severity: int) -> None:
-    multiply, add = ((0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2))[severity - 1]  # PROTOCOL.md section 4
+    multiply, add = ((0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2))[severity - 1]  # docs/protocol.md §4
     expected = _hsv_map(image, lambda h, s, v: (h, min(max(s * multiply + add, 0.0), 1.0), v))
     out = corrupt(image, CORRUPTIONS.index("saturate"), severity, "cifar10c", np.random.default_rng(0))
     assert np.abs(out.astype(int) - np.floor(expected).astype(int)).max() <= 1
@@ -188,7 +188,7 @@ def test_saturate_formula(image: np.ndarray, severity: int) -> None:
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_contrast_formula(image: np.ndarray, severity: int) -> None:
-    factor = (0.5, 0.4, 0.3, 0.15)[severity - 1]  # PROTOCOL.md section 4
+    factor = (0.5, 0.4, 0.3, 0.15)[severity - 1]  # docs/protocol.md §4
     x = image / 255.0
     means = x.mean(axis=(0, 1), keepdims=True)
     expected = np.floor(np.clip((x - means) * factor + means, 0, 1) * 255).astype(np.uint8)
@@ -211,7 +211,7 @@ def _box_weights(in_size: int, out_size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("severity", SEVERITIES)
 def test_pixelate_formula(image: np.ndarray, severity: int) -> None:
-    side = int(32 * (0.9, 0.85, 0.75, 0.65)[severity - 1])  # PROTOCOL.md section 4
+    side = int(32 * (0.9, 0.85, 0.75, 0.65)[severity - 1])  # docs/protocol.md §4
     down, up = _box_weights(32, side), _box_weights(side, 32)
     small = np.einsum("ij,kl,jlc->ikc", down, down, image.astype(np.float64))  # (side, side, 3)
     expected = np.einsum("ij,kl,jlc->ikc", up, up, small)  # (32, 32, 3)
@@ -227,7 +227,7 @@ def test_pixelate_formula(image: np.ndarray, severity: int) -> None:
 def test_jpeg_is_pil_at_the_table_quality(image: np.ndarray, severity: int) -> None:
     import io
 
-    quality = (65, 58, 50, 40)[severity - 1]  # PROTOCOL.md section 4
+    quality = (65, 58, 50, 40)[severity - 1]  # docs/protocol.md §4
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "JPEG", quality=quality)
     expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
@@ -252,7 +252,7 @@ def test_plasma_fractal_matches_package(wibble_decay: float) -> None:
 
 
 def test_frost_is_weighted_sum_with_a_texture_crop(image: np.ndarray) -> None:
-    image_weight, frost_weight = 0.75, 0.45  # study severity 4, PROTOCOL.md section 4
+    image_weight, frost_weight = 0.75, 0.45  # study severity 4, docs/protocol.md §4
     out = corrupt(image, CORRUPTIONS.index("frost"), 4, "cifar10c", np.random.default_rng(3))
     textures = corruptions._frost_textures()
     assert len(textures) == 5  # make_cifar_c.py uses the first five frost images

@@ -171,7 +171,9 @@ def test_uniform_weights_take_the_plain_sampler(balanced_set):
 
 def test_inferred_weights_rank_conflicting_above_aligned(biased_set):
     images, labels, attributes = biased_set
-    cfg = bias_model.BiasModelConfig(gce_q=0.7, steps=60, batch_size=32, lr=3e-3, width=WIDTH, batch_score=256)
+    cfg = bias_model.BiasModelConfig(
+        gce_q=0.7, steps=60, batch_size=32, lr=3e-3, width=WIDTH, batch_score=256
+    )
     scores = bias_model.train_biased_model(
         images, labels, cfg, net_factory, torch.Generator().manual_seed(0), False
     )
@@ -324,7 +326,9 @@ def test_dc_debiased_loss_with_zero_repulsion_equals_matching_loss():
 
 def test_bias_classifier_learns_the_attribute_and_amplification(biased_set):
     images, labels, attributes = biased_set
-    cfg = amplification.BiasClassifierConfig(steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000)
+    cfg = amplification.BiasClassifierConfig(
+        steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000
+    )
     classifier = amplification.train_bias_classifier(
         images, labels, attributes, K, cfg, net_factory, torch.Generator().manual_seed(0), False
     )

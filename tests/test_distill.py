@@ -13,6 +13,8 @@ from biasdd.config import from_dict
 from biasdd.distill import METHODS, DistillResult, dc, dm, driver, sampling
 from biasdd.nets import build_network
 
+from .tiny import tiny_params
+
 NUM_CLASSES, CHANNELS, SIZE, PER_CLASS, WIDTH = 3, 3, 16, 12, 8
 
 # Tiny settings per method; loss-fall runs override iterations and lr_img.
@@ -325,3 +327,94 @@ def test_weighted_init_draws_distinct_weighted_images(planted):
     assert (weights[sampler.sample(50, generator)] > 0).all()
     syn = driver.init_synthetic(images, sampler, 2, "real", generator)
     assert any(torch.equal(syn[0], images[i]) for i in torch.nonzero(weights > 0).squeeze(1))
+
+
+# --- a new method is one file and one registry entry ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(driver.DistillConfig):
+    """A toy method's params (`distill.toy`): the driver's fields plus one of its own."""
+
+    SECTION = "distill.toy"
+    scale: float = 1.0
+
+
+class PixelMeanMatching:
+    """A toy method: match each class's mean image (no network involved)."""
+
+    steps = 1
+
+    def __init__(self, cfg: ToyConfig, context: driver.Context) -> None:
+        self.scale = cfg.scale
+
+    def start(self, runner) -> None:
+        pass
+
+    def loss(self, runner, batch: driver.Batch) -> torch.Tensor:
+        return self.scale * ((batch.real.mean(1) - batch.syn.mean(1)) ** 2).sum()
+
+    def between(self, runner, syn) -> None:
+        raise AssertionError("one step per iteration: never called")
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    entry = driver.Method("toy", ToyConfig, PixelMeanMatching, uses_dsa=False)
+    monkeypatch.setitem(METHODS, "toy", entry)
+    return entry
+
+
+def test_a_toy_method_registered_from_a_test_runs_through_the_driver(toy, planted, tmp_path):
+    images, labels = planted
+    cfg = from_dict(
+        ToyConfig,
+        dict(ipc=2, iterations=30, lr_img=1.0, momentum_img=0.5, batch_real=8, init="noise"),
+        "distill.toy",
+    )
+    result = METHODS["toy"](
+        images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator().manual_seed(0), progress=False
+    )
+    assert result.images.shape == (NUM_CLASSES * 2, CHANNELS, SIZE, SIZE) and len(result.losses) == 30
+    assert sum(result.losses[-5:]) < 0.2 * sum(result.losses[:5])  # the driver optimises the method's loss
+    for c in range(NUM_CLASSES):  # and the images moved to the class means
+        target = images[labels == c].mean(0)
+        assert (
+            result.images[2 * c : 2 * c + 2].mean(0) - target
+        ).abs().mean() < 0.3 * target.abs().mean() + 0.1
+    # the driver's services come for free: checkpoints and bit-identical resume
+    states: list[dict] = []
+    METHODS["toy"](
+        images,
+        labels,
+        NUM_CLASSES,
+        cfg,
+        net_factory,
+        torch.Generator().manual_seed(0),
+        progress=False,
+        on_checkpoint=states.append,
+        checkpoint_every=10,
+    )
+    resumed = METHODS["toy"](
+        images,
+        labels,
+        NUM_CLASSES,
+        cfg,
+        net_factory,
+        torch.Generator().manual_seed(5),
+        progress=False,
+        resume=states[0],
+    )
+    assert torch.equal(resumed.images, result.images) and resumed.losses == result.losses
+    # and the stage's configuration picks it up from params like any other method
+    from biasdd import distillation
+
+    params = tiny_params(tmp_path)
+    params["distill"]["toy"] = {**dataclasses.asdict(cfg), "scale": 2.0}
+    setup = distillation.configure(params, "toy")
+    assert setup.cfg == dataclasses.replace(cfg, scale=2.0) and setup.dsa is None
+    with pytest.raises(ValueError, match=r"distill\.toy\.scale: 'big' is not valid"):
+        distillation.configure(
+            {**params, "distill": {**params["distill"], "toy": {**params["distill"]["toy"], "scale": "big"}}},
+            "toy",
+        )

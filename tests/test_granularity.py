@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_pipeline import make_repo, run
-from .tiny import make_tiny
+from .tiny import make_repo, run, tiny
 
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
@@ -22,13 +21,11 @@ def _edit_params(repo: Path, edit) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_tinier(params: dict) -> None:
+def _tinier(budget: dict) -> None:
     """The tiny config with one repeat and fewer epochs: this test counts stages, not accuracy."""
-    make_tiny(params)
-    quick = params["budgets"]["quick"]
-    quick["distill"]["repeats"] = 1
-    quick["evaluate"]["repeats"] = 1
-    for schedule in quick["evaluate"]["synthetic"]["schedule"].values():
+    budget["distill"]["repeats"] = 1
+    budget["evaluate"]["repeats"] = 1
+    for schedule in budget["evaluate"]["synthetic"]["schedule"].values():
         for method in schedule.values():
             method.update(epochs=2, lr_milestones=[1])
 
@@ -39,14 +36,14 @@ def _ran(output: str) -> set[str]:
 
 @pytest.mark.slow
 def test_one_method_param_reruns_only_its_chain_and_plot_param_only_plot(tmp_path):
-    repo = make_repo(tmp_path, make_tinier)
+    repo = make_repo(tmp_path, tiny(_tinier))
     first = run(repo, "dvc", "repro")
-    assert {"download", "bias_inject", "distill@dm", "evaluate@full", "plot"} <= _ran(first)
+    assert {"download", "bias_inject", "distill@dm", "evaluate_full", "plot"} <= _ran(first)
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "tiny run")
 
-    # the quick overlay is the active budget in the tiny config: DM's learning rate for the images
-    _edit_params(repo, lambda p: p["budgets"]["quick"]["distill"]["dm"].update(lr_img=0.5))
+    # params.yaml holds the values the run uses: DM's learning rate for the images
+    _edit_params(repo, lambda p: p["distill"]["dm"].update(lr_img=0.5))
     assert _ran(run(repo, "dvc", "repro")) == {"distill@dm", "evaluate@dm", "plot"}
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "dm lr_img")
@@ -54,3 +51,16 @@ def test_one_method_param_reruns_only_its_chain_and_plot_param_only_plot(tmp_pat
     _edit_params(repo, lambda p: p["plot"].update(grid_ipc=1))
     assert _ran(run(repo, "dvc", "repro")) == {"plot"}
     assert "Running stage" not in run(repo, "dvc", "repro")
+
+    # each stage depends on the code it runs: the amplification metric's module re-runs the bias
+    # classifier and the evaluations, never a distillation
+    module = repo / "src/biasdd/amplification.py"
+    module.write_text(module.read_text() + "\n# an edit\n")
+    assert _ran(run(repo, "dvc", "repro")) == {
+        "bias_classifier",
+        "evaluate@dc",
+        "evaluate@dsa",
+        "evaluate@dm",
+        "evaluate_full",
+        "plot",
+    }

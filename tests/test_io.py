@@ -52,7 +52,9 @@ def test_missing_group_or_file_is_a_clear_error(tmp_path):
     io.write_h5(tmp_path / "a.h5", _groups(), {})
     with pytest.raises(ArtifactError, match="no group 'valid'"):
         io.read_h5(tmp_path / "a.h5", "valid")
-    with pytest.raises(FileNotFoundError, match=r"none.h5: no such file; rebuild it with `dvc repro bias_inject`"):
+    with pytest.raises(
+        FileNotFoundError, match=r"none.h5: no such file; rebuild it with `dvc repro bias_inject`"
+    ):
         io.read_h5(tmp_path / "none.h5", "train", kind="biased")
 
 

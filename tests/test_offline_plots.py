@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_pipeline import REPO, run
+from .tiny import REPO, run
 
 TEMPLATE = REPO / ".dvc/plots/offline.html"
 

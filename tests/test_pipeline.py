@@ -118,3 +118,25 @@ def test_one_method_runs_only_its_stages_and_keeps_the_others(tmp_path):
     again = run(repo, "dvc", "exp", "run", "-S", "methods=[dm,dc]")
     assert set(RUNNING.findall(again)) == {"distill@dc", "evaluate@dc", "plot"}
     assert "Stage 'distill@dm' didn't change" in again
+
+
+@pytest.mark.slow
+def test_params_show_the_values_each_experiment_used(tmp_path):
+    """The budget is a Hydra config group: `dvc exp show` and `dvc params diff` report each run's own
+    values (the quick run's iterations, the paper run's), not an overlay they must resolve by hand."""
+    repo = make_repo(tmp_path)
+    run(repo, "dvc", "exp", "run", "-n", "quick-run", "download")
+    run(repo, "dvc", "exp", "run", "-n", "paper-run", "-S", "budget=paper", "download")
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    params = {}
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            data = exp["revs"][0]["data"]["params"]["params.yaml"]["data"]
+            params[exp["name"]] = data
+    assert params["quick-run"]["budget"] == "quick" and params["quick-run"]["distill"]["dm"]["iterations"] == 4
+    assert params["paper-run"]["budget"] == "paper" and params["paper-run"]["distill"]["dm"]["iterations"] == 20000
+    assert params["paper-run"]["model"]["width"] == 128 and params["quick-run"]["model"]["width"] == 8
+    diff = run(repo, "dvc", "params", "diff", "quick-run", "paper-run")
+    line = next(line for line in diff.splitlines() if "distill.dm.iterations" in line)
+    assert line.split()[-2:] == ["4", "20000"], line
+    assert "budgets" not in diff  # no overlay keys

@@ -20,28 +20,31 @@ import pytest
 
 from biasdd import grid, report
 
-from .test_pipeline import make_repo, run
-from .tiny import make_tiny
+from .tiny import make_repo, run
+
+POINT = {"budget": "quick", "dataset": "cmnist", "bias_ratio": 0.95, "severity": 4}
 
 
-def _metrics(name: str, acc: float, std: float, **point) -> dict:
-    point = {"budget": "quick", "dataset": "cmnist", "bias_ratio": 0.95, "severity": 4, **point}
-    split = {"accuracy": {"mean": acc, "std": std, "values": [acc - std, acc + std]}}
-    return {
-        "data": {
-            **point,
-            "name": name,
-            "n_repeats": 2,
-            "test_conflicting": split,
-            "test_uniform": {"accuracy": {"mean": acc + 0.1, "std": std, "values": [acc]}},
-        }
-    }
+def _metrics(acc: float, std: float) -> dict:
+    """One `metrics/<split>/<name>.json` entry as `dvc exp show --json` gives it."""
+    return {"data": {"acc": acc, "acc_sd": std, "conf": acc, "conf_sd": std, "worst": 0.0, "worst_sd": 0.0}}
+
+
+def _all(acc: float, names=None) -> dict:
+    """Metrics of every name (dc, dsa, dm, full: +0.01 each) on both splits (uniform: +0.1)."""
+    names = list(report.ROW_NAMES) if names is None else names
+    out = {}
+    for i, n in enumerate(names):
+        out[f"metrics/test_conflicting/{n}.json"] = _metrics(acc + i / 100, 0.01)
+        out[f"metrics/test_uniform/{n}.json"] = _metrics(acc + i / 100 + 0.1, 0.01)
+        out[f"metrics/bias/{n}.json"] = {"data": {"share": 0.9, "delta": 0.0}}
+    return out
 
 
 def _row(
-    rev: str, name: str | None, timestamp: str | None, metrics: dict, params: dict | None = None
+    rev: str, name: str | None, timestamp: str | None, metrics: dict, params: dict | None = None, **point
 ) -> dict:
-    params = params or {}
+    params = {**POINT, **point, "evaluate": {"repeats": 2}, **(params or {})}
     return {
         "rev": rev,
         "name": name,
@@ -56,12 +59,6 @@ def _row(
         },
         "error": None,
         "experiments": None,
-    }
-
-
-def _all(acc: float, **point) -> dict:
-    return {
-        f"metrics/{n}.json": _metrics(n, acc + i / 100, 0.01, **point) for i, n in enumerate(report.ROW_NAMES)
     }
 
 
@@ -83,10 +80,10 @@ def _csv(path: Path) -> dict[str, dict[str, str]]:
 
 
 def test_partial_grid_blanks_and_study_layout(tmp_path):
-    exp = _row("b" * 40, "cmnist-rho0.8-sev4-quick", "2026-01-01T11:00:00", _all(0.3, bias_ratio=0.8))
+    exp = _row("b" * 40, "cmnist-rho0.8-sev4-quick", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
     queued = _row("c" * 40, "cmnist-rho0-sev4-quick", "2026-01-01T12:00:00", {})
     queued["_state"] = "queued"
-    running = _row("e" * 40, "cmnist-rho0.1-sev4-quick", "2026-01-01T12:00:00", _all(0.9, bias_ratio=0.1))
+    running = _row("e" * 40, "cmnist-rho0.1-sev4-quick", "2026-01-01T12:00:00", _all(0.9), bias_ratio=0.1)
     running["_state"] = "running"  # its metrics may be half the baseline's: not reported yet
     written = report.write_report(_exp_show(exp, queued, running), tmp_path)
     assert list(written) == ["quick"]
@@ -118,23 +115,28 @@ def test_partial_grid_blanks_and_study_layout(tmp_path):
 
 
 def test_table2_from_dm_only_experiments(tmp_path):
-    """A severity-sweep experiment runs only DM's chain; its other metrics files are the baseline's and
-    say so in their own keys, so they do not leak into the sweep's cells."""
+    """A severity-sweep experiment runs DM's stages and the full set (`methods: [dm]`): DVC reports only
+    the metrics its pipeline declares, and its params give the grid point."""
     sweep = []
     for i, severity in enumerate((1, 2, 3)):
-        metrics = _all(0.5)  # stale files of the baseline run (rho 0.95, severity 4)
-        metrics["metrics/dm.json"] = _metrics(
-            "dm", 0.2 + severity / 10, 0.02, bias_ratio=1.0, severity=severity
-        )
+        metrics = _all(0.2 + severity / 10, names=["dm", "full"])
         sweep.append(
-            _row(f"{i}" * 40, f"cmnist-dm-rho1-sev{severity}-quick", f"2026-01-02T0{i}:00:00", metrics)
+            _row(
+                f"{i}" * 40,
+                f"cmnist-dm-rho1-sev{severity}-quick",
+                f"2026-01-02T0{i}:00:00",
+                metrics,
+                params={"methods": ["dm"]},
+                bias_ratio=1.0,
+                severity=severity,
+            )
         )
     report.write_report(_exp_show(*sweep), tmp_path)
     table2 = _csv(tmp_path / "quick/table2_test_conflicting.csv")
     assert table2["CMNIST-DD rho=1"] == {
-        "severity 1": "30.00 +- 2.00",
-        "severity 2": "40.00 +- 2.00",
-        "severity 3": "50.00 +- 2.00",
+        "severity 1": "30.00 +- 1.00",
+        "severity 2": "40.00 +- 1.00",
+        "severity 3": "50.00 +- 1.00",
         "severity 4": "",
     }
     assert table2["CMNIST-DD rho=0"] == dict.fromkeys(table2["CMNIST-DD rho=0"], "")
@@ -155,8 +157,8 @@ def test_debiased_experiments_stay_out_of_the_study_tables(caplog):
 
 
 def test_newest_wins_and_says_so(tmp_path, caplog):
-    old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3, bias_ratio=0.8))
-    new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4, bias_ratio=0.8))
+    old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
+    new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
     with caplog.at_level(logging.INFO, logger="biasdd.report"):
         cells = report.collect_cells(_exp_show(new, old))
     cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
@@ -173,7 +175,7 @@ def test_workspace_counts_as_newest():
 
 
 def test_one_table_per_budget(tmp_path):
-    paper = _row("d" * 40, "cmnist-rho0.95-sev4-paper", "2026-01-03T00:00:00", _all(0.7, budget="paper"))
+    paper = _row("d" * 40, "cmnist-rho0.95-sev4-paper", "2026-01-03T00:00:00", _all(0.7), budget="paper")
     written = report.write_report(_exp_show(paper), tmp_path)
     assert sorted(written) == ["paper", "quick"]
     for budget in ("paper", "quick"):
@@ -207,11 +209,12 @@ def test_cli_reads_saved_json(tmp_path):
 
 def test_grid_cells_and_dry_run(capsys):
     cells = grid.grid_cells(severity_sweep=True)
-    table1 = [c for c in cells if c.target is None]
-    sweep = [c for c in cells if c.target is not None]
+    table1 = [c for c in cells if c.methods is None]
+    sweep = [c for c in cells if c.methods is not None]
     assert len(table1) == 2 * 6 and {c.severity for c in table1} == {4}
     # DM at rho 0 and 1, severities 1-3 (severity 4 comes from Table 1's experiments)
-    assert len(sweep) == 2 * 2 * 3 and {c.target for c in sweep} == {"evaluate@dm"}
+    assert len(sweep) == 2 * 2 * 3 and {c.methods for c in sweep} == {("dm",)}
+    assert sweep[0].command()[-2:] == ["-S", "methods=[dm]"] and sweep[0].name.startswith("cmnist-dm-rho0-")
     assert len({c.name for c in cells}) == len(cells)
     assert (
         grid.main(["queue", "--datasets", "cmnist", "--ratios", "0", "1", "--dry-run", "--start", "-j", "2"])
@@ -232,8 +235,10 @@ def test_grid_cells_and_dry_run(capsys):
 @pytest.mark.slow
 def test_queue_run_and_report_tiny(tmp_path):
     """Two real DM-only experiments (Table 2 cells) through DVC's queue, then the report (~2-3 min)."""
-    repo = make_repo(tmp_path, make_tiny)
-    cells = [grid.GridCell("cmnist", 1.0, severity, "quick", target=grid.SWEEP_TARGET) for severity in (1, 2)]
+    repo = make_repo(tmp_path)
+    cells = [
+        grid.GridCell("cmnist", 1.0, severity, "quick", methods=grid.SWEEP_METHODS) for severity in (1, 2)
+    ]
     assert grid.queue(cells, repo) == 0
     assert grid.queue_counts(repo) == {"Queued": 2}
     run(repo, "dvc", "queue", "start", "-j", "1")

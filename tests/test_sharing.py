@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_pipeline import make_repo, run
-from .tiny import make_tiny
+from .tiny import make_repo, run
 
 OUTS = ("data/base.h5", "data/biased.h5")
 STAGES = ("download", "bias_inject")
@@ -148,7 +147,7 @@ def _roundtrip(repo: Path) -> None:
 
 @pytest.mark.slow
 def test_push_pull_local_directory_remote(tmp_path):
-    repo = make_repo(tmp_path, make_tiny)
+    repo = make_repo(tmp_path)
     run(repo, "dvc", "remote", "add", "-d", "localremote", str(tmp_path / "remote"))
     _roundtrip(repo)
     assert any((tmp_path / "remote").rglob("*")), "nothing was written to the remote"
@@ -156,7 +155,7 @@ def test_push_pull_local_directory_remote(tmp_path):
 
 @pytest.mark.slow
 def test_push_pull_s3_remote(tmp_path, seaweedfs_s3):
-    repo = make_repo(tmp_path, make_tiny)
+    repo = make_repo(tmp_path)
     run(repo, "dvc", "remote", "add", "-d", "s3remote", f"s3://{BUCKET}/biasdd")
     run(repo, "dvc", "remote", "modify", "s3remote", "endpointurl", seaweedfs_s3)
     run(repo, "dvc", "remote", "modify", "--local", "s3remote", "access_key_id", ACCESS_KEY)

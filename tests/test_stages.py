@@ -1,9 +1,11 @@
-"""Stage-level behaviour: kill-and-resume of a distillation, validation before work, and agreement of
-the method registry, params.yaml and dvc.yaml."""
+"""Stage-level behaviour: kill-and-resume of a distillation, validation before work (one-line errors,
+no traceback), broken input artifacts, and agreement of the method registry, conf/, params.yaml and
+dvc.yaml."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,18 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biasdd.config import load_params, section
-from biasdd.distill import CONFIGS, METHODS
-from biasdd.pipeline import distill_setup, evaluate_setup
+from biasdd import distillation, evaluate, io
+from biasdd.config import compose_params, load_params
+from biasdd.distill import METHODS
 
-from .tiny import make_tiny
-
-REPO = Path(__file__).resolve().parents[1]
+from .tiny import REPO, tiny_params
 
 
 def _params(tmp_path: Path, edit=None) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    make_tiny(params)
+    """A tiny params.yaml (composed as in a tiny repository), changed by `edit`."""
+    params = tiny_params(tmp_path)
     if edit:
         edit(params)
     path = tmp_path / "params.yaml"
@@ -87,9 +87,9 @@ def _distill_args(params: Path, biased: Path, out: Path, checkpoints: Path) -> l
 @pytest.mark.slow
 def test_killed_distillation_resumes_to_the_same_bytes(tmp_path, biased):
     def long_dm(params):
-        params["budgets"]["quick"]["distill"]["dm"]["iterations"] = 400
-        params["budgets"]["quick"]["distill"]["checkpoint_every"] = 25
-        params["budgets"]["quick"]["distill"]["repeats"] = 1
+        params["distill"]["dm"]["iterations"] = 400
+        params["distill"]["checkpoint_every"] = 25
+        params["distill"]["repeats"] = 1
 
     params = _params(tmp_path, long_dm)
     reference = tmp_path / "reference.h5"
@@ -120,8 +120,6 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
     params = _params(tmp_path)
     out, checkpoints = tmp_path / "a.h5", tmp_path / "ck"
     checkpoints.mkdir()
-    from biasdd import io
-
     io.save_checkpoint(checkpoints / "dm_repeat0.pt", {"fingerprint": "other", "state": {}})
     result = _stage("distill", *_distill_args(params, biased, out, checkpoints))
     assert "made by other params or data" in result.stderr and out.exists()
@@ -135,67 +133,120 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
             r"budget: 'huge' is not valid; choose one of \['quick', 'paper'\]",
         ),
         (lambda p: p.update(device="tpu"), r"device: 'tpu' is not valid"),
-        (lambda p: p["budgets"]["quick"]["distill"]["dm"].update(ipc=0), r"distill.dm.ipc"),
         (
-            lambda p: p["budgets"]["quick"]["distill"]["dm"].update(lr=1.0),
-            r"distill.dm: unknown key\(s\) \['lr'\]",
+            lambda p: p["distill"]["dm"].update(ipc=0),
+            r"distill\.dm\.ipc: 0 is not valid; expected an integer in",
+        ),
+        (
+            lambda p: p["distill"]["dm"].update(lr=1.0),
+            r"distill\.dm: unknown key\(s\) \['distill\.dm\.lr'\]",
         ),
         (
             lambda p: p["model"].update(net="resnet"),
-            r"model.net: 'resnet' is not valid; choose one of \['convnet3'\]",
+            r"model\.net: 'resnet' is not valid; choose one of \['convnet3'\]",
         ),
-        (lambda p: p["augment"]["dsa"].update(strategy="color_blur"), r"unknown op 'blur'"),
+        (
+            lambda p: p["augment"]["dsa"].update(strategy="color_blur"),
+            r"augment\.dsa\.strategy: unknown op 'blur'",
+        ),
+        (
+            lambda p: p["compute"].update(precision="fp16"),
+            r"compute\.precision: 'fp16' is not valid; choose one of",
+        ),
+        (lambda p: p["distill"].update(repeats=True), r"distill\.repeats: True is not valid"),
     ],
 )
-def test_distill_stage_rejects_bad_params_before_work(tmp_path, biased, edit, message):
+def test_distill_stage_rejects_bad_params_in_one_line(tmp_path, biased, edit, message):
     params = _params(tmp_path, edit)
     out = tmp_path / "out.h5"
     result = _stage("distill", *_distill_args(params, biased, out, tmp_path / "ck"), check=False)
-    assert result.returncode != 0
-    assert __import__("re").search(message, result.stderr), result.stderr[-2000:]
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distill: error: "), result.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
 
 
-def test_unknown_method_names_the_valid_ones():
+def test_debug_switch_keeps_the_traceback(tmp_path, biased):
+    params = _params(tmp_path, lambda p: p["distill"]["dm"].update(ipc=0))
+    env = {**os.environ, "BIASDD_DEBUG": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/distill.py"),
+            *_distill_args(params, biased, tmp_path / "o.h5", tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+@pytest.mark.parametrize("broken", ["missing", "truncated", "foreign"])
+def test_broken_input_artifact_is_one_line_naming_file_and_fix(tmp_path, biased, broken):
+    data = tmp_path / "biased.h5"
+    if broken == "truncated":
+        data.write_bytes(biased.read_bytes()[: biased.stat().st_size // 3])
+    elif broken == "foreign":
+        io.write_h5(
+            data, {"train": {"images": __import__("numpy").zeros((2, 28, 28), "uint8")}}, {}, kind="base"
+        )
+    params = _params(tmp_path)
+    result = _stage(
+        "distill", *_distill_args(params, data, tmp_path / "out.h5", tmp_path / "ck"), check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert f"{data}:" in lines[0] and "dvc repro bias_inject" in lines[0] and "dvc pull" in lines[0]
+    expected = {
+        "missing": "no such file",
+        "truncated": "truncated",
+        "foreign": "expected a 'biased' artifact",
+    }
+    assert expected[broken] in lines[0]
+
+
+def test_unknown_method_and_augment_name_the_valid_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):
-        distill_setup(params, "mtt")
+        distillation.configure(params, "mtt")
     with pytest.raises(
-        ValueError, match=r"augment: 'mixup' is not valid; choose one of \['none', 'dsa', 'dc'\]"
+        ValueError,
+        match=r"evaluate\.synthetic\.schedule\.cmnist\.dm\.augment: 'mixup' is not valid; choose one of "
+        r"\['none', 'dsa', 'dc'\]",
     ):
         bad = load_params(REPO / "params.yaml")
         bad["evaluate"]["synthetic"]["schedule"]["cmnist"]["dm"]["augment"] = "mixup"
-        evaluate_setup(bad, "dm")
+        evaluate.configure({**bad, "device": "cpu"}, "dm")
 
 
-def test_registry_params_and_dvc_yaml_agree():
+def test_params_yaml_is_composed_from_conf():
+    """The committed params.yaml is what `dvc exp run` composes from conf/ (the default budget)."""
+    assert load_params(REPO / "params.yaml") == yaml.safe_load(compose_params(REPO / "conf"))
+
+
+def test_registry_conf_and_dvc_yaml_agree():
     params = load_params(REPO / "params.yaml")
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert sorted(params["methods"]) == sorted(METHODS) == sorted(CONFIGS)
+    assert sorted(params["methods"]) == sorted(METHODS)
     assert dvc["stages"]["distill"]["foreach"] == "${methods}"
-    assert sorted(dvc["stages"]["evaluate"]["foreach"]) == sorted(["full", *METHODS])
-    for method in METHODS:
-        assert dvc["stages"]["evaluate"]["foreach"][method] == f"data/synthetic/{method}.h5"
-        assert f"data/synthetic/{method}.h5" in dvc["stages"]["plot"]["deps"]
-        assert f"metrics/{method}.json" in dvc["stages"]["plot"]["deps"]
-        # every budget builds a valid setup for every method, for both datasets
-        for budget in ("quick", "paper"):
-            for dataset in ("cmnist", "ccifar10"):
-                p = {**params, "budget": budget, "dataset": dataset, "device": "cpu"}
-                distill_setup(p, method)
-                evaluate_setup(p, method)
-                evaluate_setup(p, "full")
-    # every params key a stage lists exists in params.yaml (for each method)
-    for stage in ("distill", "evaluate"):
-        for method in METHODS:
-            for key in dvc["stages"][stage]["do"]["params"]:
-                node = params
-                for part in key.replace("${item}", method).split("."):
-                    assert isinstance(node, dict) and part in node, f"{stage}: params key {key} missing"
-                    node = node[part]
-    for stage in ("download", "bias_inject", "plot"):
-        for key in dvc["stages"][stage]["params"]:
-            assert key.split(".")[0] in params, key
-    # paper values are PROTOCOL's
-    paper = {**params, "budget": "paper"}
-    assert section(paper, "distill", "dm")["iterations"] == 20000 and section(paper, "model")["width"] == 128
+    assert dvc["stages"]["evaluate"]["foreach"] == "${methods}"
+    # every budget and dataset gives a valid setup for every method and the full set
+    for budget in ("quick", "paper"):
+        for dataset in ("cmnist", "ccifar10"):
+            composed = yaml.safe_load(
+                compose_params(REPO / "conf", [f"budget={budget}", f"dataset={dataset}"])
+            )
+            assert composed["budget"] == budget
+            composed["device"] = "cpu"
+            for method in METHODS:
+                distillation.configure(composed, method)
+                evaluate.configure(composed, method)
+            evaluate.configure(composed, "full")
+    # the paper budget is the study's numbers (docs/protocol.md §5-7)
+    paper = yaml.safe_load(compose_params(REPO / "conf", ["budget=paper"]))
+    assert paper["distill"]["dm"]["iterations"] == 20000 and paper["model"]["width"] == 128
+    assert paper["distill"]["dc"]["ipc"] == 50 and paper["evaluate"]["full"]["epochs"] == 150
+    assert paper["compute"]["precision"] == "fp32"

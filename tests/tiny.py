@@ -46,7 +46,8 @@ TINY: dict[str, Any] = {
         "repeats": 2,
         "synthetic": {
             "schedule": {
-                dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm")} for dataset in ("cmnist", "ccifar10")
+                dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm")}
+                for dataset in ("cmnist", "ccifar10")
             }
         },
         "full": {"epochs": 2, "lr_milestones": [1], "limit_train": 200},
@@ -69,7 +70,9 @@ def write_budget(conf: Path, budget: dict[str, Any], name: str = "quick") -> Non
     (conf / "budget" / f"{name}.yaml").write_text(text)
 
 
-def tiny_params(tmp_path: Path, budget: dict[str, Any] | None = None, overrides: tuple[str, ...] = ()) -> dict:
+def tiny_params(
+    tmp_path: Path, budget: dict[str, Any] | None = None, overrides: tuple[str, ...] = ()
+) -> dict:
     """The params dict a tiny repository composes (without making a repository)."""
     conf = tmp_path / "conf"
     if not conf.exists():

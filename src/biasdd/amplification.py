@@ -102,7 +102,7 @@ def train_bias_classifier(
 
 def strided_subset(num: int, limit: int) -> Tensor:
     """(min(num, limit),) indices spread evenly over 0..num-1. Not the first `limit`: attributes are
-    assigned in dataset order within each class (PROTOCOL section 2), so a prefix over-represents the
+    assigned in dataset order within each class (docs/protocol.md §2), so a prefix over-represents the
     low attribute ids and would skew the reference share."""
     if limit >= num:
         return torch.arange(num)

@@ -1,4 +1,4 @@
-"""The ten CCIFAR10-DD corruptions (PROTOCOL.md section 4), one 32x32 RGB image at a time.
+"""The ten CCIFAR10-DD corruptions (docs/protocol.md §4), one 32x32 RGB image at a time.
 
 Attribute k is the corruption `CORRUPTIONS[k]`, the bias-aligned corruption of CIFAR-10 class k.
 Study severity s in 1..4 is CIFAR-10-C level s + 1, as in the study (and in LfF's Corrupted CIFAR-10,
@@ -38,7 +38,7 @@ from PIL import Image
 
 __all__ = ["CORRUPTIONS", "PROTOCOLS", "corrupt"]
 
-# Index = attribute = the CIFAR-10 class whose aligned corruption it is (PROTOCOL.md section 4).
+# Index = attribute = the CIFAR-10 class whose aligned corruption it is (docs/protocol.md §4).
 CORRUPTIONS: tuple[str, ...] = (
     "snow",
     "frost",
@@ -58,7 +58,7 @@ _SIZE = 32  # CIFAR-10 side; the cifar10c tables are sized for it
 _IMAGE_SHAPE = (_SIZE, _SIZE, 3)
 
 # ---------------------------------------------------------------------------------------------------
-# CIFAR-10-C parameter tables per study severity 1..4 = make_cifar_c.py levels 2..5 (PROTOCOL.md sec. 4).
+# CIFAR-10-C parameter tables per study severity 1..4 = make_cifar_c.py levels 2..5 (docs/protocol.md §4).
 # ---------------------------------------------------------------------------------------------------
 
 # snow: (loc, scale, zoom, threshold, motion-blur radius, motion-blur sigma, image mix)

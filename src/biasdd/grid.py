@@ -13,10 +13,9 @@ copy of the repository (quick budget on CPU: about 10 min for CMNIST; `paper` ne
 The grid (the study's layout):
 - Table 1: every dataset x bias ratio at severity 4, the whole pipeline (DC, DSA, DM, the full set).
 - Table 2 (`--severity-sweep`): DM only, at bias ratios 0 and 1 and severities 1-3 (severity 4 comes
-  from Table 1's cells when its ratios include 0 and 1, else it is queued too). These experiments target
-  `evaluate@dm`, so only `download`, `bias_inject`, `distill@dm` and `evaluate@dm` run; the other
-  metrics files in such an experiment still describe the baseline's run and say so in their own
-  `bias_ratio`/`severity` keys, which is what `biasdd-report` reads.
+  from Table 1's cells when its ratios include 0 and 1, else it is queued too). These experiments set
+  `methods=[dm]`, so DM's stages and the full set run (the full set's numbers at each severity come
+  with them) and the DC/DSA stages are not part of the run.
 Each experiment gets a readable name, e.g. `cmnist-rho0.95-sev4-quick` or `cmnist-dm-rho0-sev2-quick`.
 """
 
@@ -42,34 +41,41 @@ TABLE1_SEVERITY = 4
 SWEEP_RATIOS = (0.0, 1.0)
 SEVERITIES = (1, 2, 3, 4)
 BUDGETS = ("quick", "paper")
-SWEEP_TARGET = "evaluate@dm"
+SWEEP_METHODS = ("dm",)
 
 
 @dataclass(frozen=True)
 class GridCell:
-    """One experiment to queue."""
+    """One experiment to queue: a whole-pipeline run at one grid point."""
 
     dataset: str
     bias_ratio: float
     severity: int
     budget: str
-    target: str | None = None  # None = the whole pipeline
+    methods: tuple[str, ...] | None = None  # None = params.yaml's list (all methods)
 
     @property
     def name(self) -> str:
-        method = "-dm" if self.target == SWEEP_TARGET else ""
-        return f"{self.dataset}{method}-rho{self.bias_ratio:g}-sev{self.severity}-{self.budget}"
+        only = "".join(f"-{m}" for m in self.methods) if self.methods else ""
+        return f"{self.dataset}{only}-rho{self.bias_ratio:g}-sev{self.severity}-{self.budget}"
 
-    def command(self) -> list[str]:
-        cmd = ["dvc", "exp", "run", "--queue", "-n", self.name]
-        for key, value in (
+    def overrides(self) -> list[str]:
+        """The `-S` values of this cell (Hydra overrides of conf/)."""
+        values = [
             ("dataset", self.dataset),
             ("bias_ratio", f"{self.bias_ratio:g}"),
             ("severity", str(self.severity)),
             ("budget", self.budget),
-        ):
-            cmd += ["-S", f"{key}={value}"]
-        return cmd + ([self.target] if self.target else [])
+        ]
+        if self.methods:
+            values.append(("methods", "[" + ",".join(self.methods) + "]"))
+        return [f"{key}={value}" for key, value in values]
+
+    def command(self) -> list[str]:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", self.name]
+        for override in self.overrides():
+            cmd += ["-S", override]
+        return cmd
 
 
 def grid_cells(
@@ -94,7 +100,7 @@ def grid_cells(
                 for severity in SEVERITIES:
                     if severity == TABLE1_SEVERITY and ratio in ratios:
                         continue  # Table 1's full-pipeline experiment already gives this DM cell
-                    cells.append(GridCell(dataset, ratio, severity, budget, target=SWEEP_TARGET))
+                    cells.append(GridCell(dataset, ratio, severity, budget, methods=SWEEP_METHODS))
     return cells
 
 

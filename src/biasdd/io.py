@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -144,13 +144,18 @@ def _missing(path: Path, kind: str | None) -> ArtifactError:
 
 
 @contextmanager
-def _open(path: str | Path, kind: str | None = None) -> Iterator[h5py.File]:
-    """An HDF5 artifact opened for reading; a missing or unreadable file is a one-line ArtifactError."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, kind)
+def _open(source: str | Path | BinaryIO, kind: str | None = None) -> Iterator[h5py.File]:
+    """An HDF5 artifact (a path, or a binary file object) opened for reading; a missing or unreadable
+    file is a one-line ArtifactError."""
+    if hasattr(source, "read"):
+        path = Path(getattr(source, "name", "<stream>") or "<stream>")
+    else:
+        path = Path(source)  # type: ignore[arg-type]
+        if not path.exists():
+            raise _missing(path, kind)
+        source = path
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(source, "r")
     except OSError as error:
         raise ArtifactError(
             f"{path}: not a readable HDF5 file (truncated or corrupt: {str(error).splitlines()[0]}); "
@@ -181,11 +186,11 @@ def check_artifact(path: str | Path, kind: str) -> None:
 
 
 def read_h5(
-    path: str | Path, group: str, names: tuple[str, ...] | None = None, kind: str | None = None
+    path: str | Path | BinaryIO, group: str, names: tuple[str, ...] | None = None, kind: str | None = None
 ) -> dict[str, np.ndarray]:
     """Read the datasets of `group` (all, or `names`) into memory."""
-    path = Path(path)
     with _open(path, kind) as f:
+        path = Path(f.filename) if isinstance(f.filename, str) else Path("<stream>")
         if group not in f:
             raise ArtifactError(
                 f"{path}: no group {group!r} (it has {sorted(f.keys())}); {_rebuild_hint(path, kind)}"
@@ -205,7 +210,7 @@ def read_h5(
             ) from error
 
 
-def read_attrs(path: str | Path, group: str | None = None, kind: str | None = None) -> dict[str, Any]:
+def read_attrs(path: str | Path | BinaryIO, group: str | None = None, kind: str | None = None) -> dict[str, Any]:
     """File (or group) attributes, JSON-decoded where they were encoded."""
     with _open(path, kind) as f:
         node = f if group is None else f[group]
@@ -224,7 +229,7 @@ def read_attrs(path: str | Path, group: str | None = None, kind: str | None = No
         return out
 
 
-def list_groups(path: str | Path, kind: str | None = None) -> list[str]:
+def list_groups(path: str | Path | BinaryIO, kind: str | None = None) -> list[str]:
     with _open(path, kind) as f:
         return sorted(f.keys())
 

@@ -1,6 +1,6 @@
 """Networks used to distil and to evaluate, behind a name -> factory registry.
 
-ConvNet-3 is the field's default (PROTOCOL section 5; Zhao & Bilen's `ConvNet`, depth 3, width 128,
+ConvNet-3 is the field's default (docs/protocol.md §5; Zhao & Bilen's `ConvNet`, depth 3, width 128,
 instance norm, ReLU, average pooling).
 """
 
@@ -16,7 +16,7 @@ class ConvNet(nn.Module):
     """`depth` blocks of [conv 3x3 -> instance norm -> ReLU -> avg-pool 2x2], then a linear classifier.
 
     Instance norm is GroupNorm with one group per channel and an affine transform, as in the reference.
-    28x28 inputs get padding 3 on the first conv so that they flow as 32x32 (PROTOCOL section 5;
+    28x28 inputs get padding 3 on the first conv so that they flow as 32x32 (docs/protocol.md §5;
     **decision**: also for 3-channel CMNIST-DD).
     """
 

@@ -5,10 +5,10 @@
 
 Every row of `dvc exp show --json` (the workspace, the baseline commit and each experiment; queued,
 running or failed ones have no metrics yet and are skipped) contributes the metrics files
-`metrics/<name>.json` (name = full, dc, dsa, dm) it holds. A cell of the study's grid is keyed by
-(budget, dataset, bias ratio, severity, method), read from the metrics file itself (it records the run
-that produced it; `params.yaml` is the fallback). When two rows fill the same cell the newest wins (the
-workspace counts as newest) and a log line says so.
+`metrics/<split>/<name>.json` (name = full, dc, dsa, dm) it declares. A cell of the study's grid is keyed
+by (budget, dataset, bias ratio, severity, method, split), the point read from the row's params (the
+values DVC composed for that run). When two rows fill the same cell the newest wins (the workspace
+counts as newest) and a log line says so.
 
 Outputs, one folder per budget found, `<out>/<budget>/`:
 
@@ -57,9 +57,8 @@ SPLIT_TITLES = {
 }
 BUDGET_NOTES = {
     "quick": "REDUCED budget, not the study's numbers",
-    "paper": "the study's budget (PROTOCOL)",
+    "paper": "the study's budget (docs/protocol.md)",
 }
-METRICS_PREFIX = "metrics/"
 WORKSPACE = "workspace"
 
 
@@ -136,8 +135,24 @@ def _num(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _metric_path(path: str) -> tuple[str, str] | None:
+    """(split, name) of a DVC metrics file `metrics/<split>/<name>.json`, else None."""
+    parts = Path(path).parts
+    if len(parts) != 3 or parts[0] != "metrics" or parts[1] not in SPLITS or not parts[2].endswith(".json"):
+        return None
+    name = Path(parts[2]).stem
+    return (parts[1], name) if name in ROW_NAMES else None
+
+
 def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
-    """The cells one row fills; empty when it has no metrics (queued, running, failed)."""
+    """The cells one row fills; empty when it has no metrics (queued, running, failed).
+
+    A row's grid point (budget, dataset, bias ratio, severity) comes from its params, which DVC
+    composed for that run; its metrics are the files `metrics/<split>/<name>.json` that the row's
+    pipeline declares (DVC reports only those: with `methods: [dm]` the DC/DSA files are not part of the
+    run, and do not show). Use whole-pipeline experiments for the report: a run that reproduces only
+    some stages (`dvc exp run evaluate@dm`) leaves the others' metrics from its baseline.
+    """
     data = row.get("data") or {}
     metrics = data.get("metrics") or {}
     params = _file_data(data.get("params"), "params.yaml") or {}
@@ -149,50 +164,37 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
     if debias != "none":  # the study's tables are plain DC/DSA/DM: a debiased run is another method
         log.info("%s: skipped (debias.mode=%s; Tables 1-2 report the study's methods)", source, debias)
         return []
+    point = {key: params.get(key) for key in ("budget", "dataset", "bias_ratio", "severity")}
+    if any(value is None for value in point.values()):
+        if metrics:
+            log.warning("%s: params lack %s; skipped", source, [k for k, v in point.items() if v is None])
+        return []
+    repeats = (params.get("evaluate") or {}).get("repeats")
     cells = []
     for path in sorted(metrics):
-        name = Path(path).stem
-        if not path.startswith(METRICS_PREFIX) or name not in ROW_NAMES:
-            continue  # e.g. metrics/distill/*.csv, other metrics files
+        found = _metric_path(path)
         values = _file_data(metrics, path)
-        if not values:
+        if found is None or not values:
             continue
-        point = {
-            key: values.get(key, params.get(key)) for key in ("budget", "dataset", "bias_ratio", "severity")
-        }
-        for key in ("dataset", "bias_ratio", "severity"):
-            if key in params and key in values and params[key] != values[key]:
-                log.warning(
-                    "%s: %s says %s=%s but params.yaml says %s (not reproduced yet?); using the metrics",
-                    source,
-                    path,
-                    key,
-                    values[key],
-                    params[key],
-                )
-        if any(point[k] is None for k in point):
-            log.warning("%s: %s lacks %s; skipped", source, path, [k for k in point if point[k] is None])
+        split, name = found
+        mean, std = _num(values.get("acc")), _num(values.get("acc_sd"))
+        if mean is None:
             continue
-        for split in SPLITS:
-            accuracy = (values.get(split) or {}).get("accuracy") or {}
-            mean, std = _num(accuracy.get("mean")), _num(accuracy.get("std"))
-            if mean is None:
-                continue
-            cells.append(
-                Cell(
-                    budget=str(point["budget"]),
-                    dataset=str(point["dataset"]),
-                    bias_ratio=float(point["bias_ratio"]),
-                    severity=int(point["severity"]),
-                    method=name,
-                    split=split,
-                    mean=mean,
-                    std=0.0 if std is None else std,
-                    n_repeats=values.get("n_repeats"),
-                    source=source,
-                    timestamp=timestamp,
-                )
+        cells.append(
+            Cell(
+                budget=str(point["budget"]),
+                dataset=str(point["dataset"]),
+                bias_ratio=float(point["bias_ratio"]),
+                severity=int(point["severity"]),
+                method=name,
+                split=split,
+                mean=mean,
+                std=0.0 if std is None else std,
+                n_repeats=repeats,
+                source=source,
+                timestamp=timestamp,
             )
+        )
     return cells
 
 

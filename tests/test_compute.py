@@ -1,0 +1,144 @@
+"""biasdd.compute: the stated tolerances of bf16, compiled == eager, chunked == one pass, and the
+fall-back when compiling fails."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from biasdd import compute
+from biasdd.compute import ComputeConfig, NetworkRunner
+from biasdd.distill import dc, dm
+from biasdd.nets import build_network
+from biasdd.train import TrainConfig, train_networks
+
+K, SIZE, WIDTH = 4, 16, 16
+BF16 = ComputeConfig(precision="bf16")
+# The stated tolerances of bf16 autocast (docs/protocol.md §10): relative change of a matching loss,
+# cosine of the image gradient, and evaluation accuracy in points.
+LOSS_RTOL, GRAD_COSINE, ACCURACY_POINTS = 0.02, 0.99, 3.0
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    return build_network("convnet3", 3, K, SIZE, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def _planted(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class a colour and a bar, plus noise: learnable by a small ConvNet."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(K).repeat_interleave(per_class)
+    colours = torch.randn(K, 3, 1, 1, generator=generator)
+    images = colours[labels] + 0.8 * torch.randn(len(labels), 3, SIZE, SIZE, generator=generator)
+    for c in range(K):
+        images[labels == c, :, 3 * c : 3 * c + 3, :] += 1.5
+    return images, labels
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def _dm_loss_and_grad(runner_compute: ComputeConfig, seed: int = 0) -> tuple[float, torch.Tensor]:
+    images, _ = _planted(64, seed)
+    net = _net(seed).requires_grad_(False)
+    real = images.view(K, 64, 3, SIZE, SIZE)
+    syn = real[:, :8].clone().requires_grad_(True)
+    loss = dm.embedding_loss(net, real, syn, NetworkRunner(net, runner_compute, "cpu"))
+    (grad,) = torch.autograd.grad(loss, [syn])
+    return float(loss.detach()), grad
+
+
+def test_bf16_dm_loss_and_gradient_within_tolerance():
+    for seed in range(3):
+        loss32, grad32 = _dm_loss_and_grad(compute.FP32, seed)
+        loss16, grad16 = _dm_loss_and_grad(BF16, seed)
+        assert abs(loss16 - loss32) / loss32 < LOSS_RTOL, (loss16, loss32)
+        assert _cosine(grad16, grad32) > GRAD_COSINE
+
+
+def test_bf16_dc_matching_loss_within_tolerance():
+    images, _ = _planted(32, 1)
+    real = images.view(K, 32, 3, SIZE, SIZE)
+    for seed in range(3):
+        net = _net(seed)
+        syn = real[:, :4].clone() + 0.1
+        losses = []
+        for setting in (compute.FP32, BF16):
+            runner = NetworkRunner(net, setting, "cpu")
+            losses.append(float(dc.matching_loss(net, real, syn, dc.ClassGradients(False), runner)))
+        assert abs(losses[1] - losses[0]) / losses[0] < LOSS_RTOL, losses
+
+
+def test_bf16_evaluation_accuracy_within_tolerance():
+    train_images, train_labels = _planted(24, 2)
+    test_images, test_labels = _planted(100, 3)
+    cfg = TrainConfig(
+        epochs=15, lr=0.02, momentum=0.9, weight_decay=5e-4, batch_size=48, lr_milestones=(10,), lr_gamma=0.1
+    )
+    accuracy = {}
+    for name, setting in (("fp32", compute.FP32), ("bf16", BF16)):
+        ensemble = train_networks(
+            train_images,
+            train_labels,
+            lambda g: build_network("convnet3", 3, K, SIZE, WIDTH, generator=g),
+            cfg,
+            [torch.Generator().manual_seed(s) for s in (0, 1)],
+            progress=False,
+            compute=setting,
+        )
+        predictions = ensemble.predict(test_images, compute=setting)
+        accuracy[name] = 100 * float((predictions == test_labels).double().mean())
+    assert accuracy["fp32"] > 60  # the task is learnt at all
+    assert abs(accuracy["bf16"] - accuracy["fp32"]) <= ACCURACY_POINTS, accuracy
+
+
+def test_chunked_embedding_equals_one_pass():
+    net = _net().requires_grad_(False)
+    images, _ = _planted(100, 4)  # 400 images: 3 full chunks of 128 and a rest
+    runner = NetworkRunner(net, compute.FP32, "cpu")
+    assert runner.chunk == compute.CPU_CHUNK < images.shape[0]
+    with torch.no_grad():
+        torch.testing.assert_close(runner.embed_chunks(images), net.embed(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_passes_match_eager():
+    """torch.compile on the CPU: the DM loss and its image gradient, once the shapes are hot."""
+    eager_loss, eager_grad = _dm_loss_and_grad(compute.FP32)
+    net = _net().requires_grad_(False)
+    runner = NetworkRunner(net, ComputeConfig(compile=True), "cpu")
+    images, _ = _planted(64, 0)
+    real = images.view(K, 64, 3, SIZE, SIZE)
+    for _ in range(compute.Compiled.COMPILE_AFTER + 1):
+        syn = real[:, :8].clone().requires_grad_(True)
+        loss = dm.embedding_loss(net, real, syn, runner)
+        (grad,) = torch.autograd.grad(loss, [syn])
+    assert runner._embed.compiled is not None and max(runner._embed.seen.values()) > compute.Compiled.COMPILE_AFTER
+    assert abs(float(loss) - eager_loss) / eager_loss < 1e-4
+    assert _cosine(grad, eager_grad) > 0.9999
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def fails(*args, **kw):
+            raise RuntimeError("InductorError: CppCompileError: C++ compiler not found")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    net = _net().requires_grad_(False)
+    runner = NetworkRunner(net, ComputeConfig(compile=True), "cpu")
+    x = torch.randn(8, 3, SIZE, SIZE)
+    with caplog.at_level(logging.WARNING, logger="biasdd.compute"), torch.no_grad():
+        outs = [runner.embed(x) for _ in range(compute.Compiled.COMPILE_AFTER + 2)]
+    assert "torch.compile failed" in caplog.text and caplog.text.count("torch.compile failed") == 1
+    with torch.no_grad():
+        assert all(torch.equal(out, net.embed(x)) for out in outs)
+
+
+def test_compile_only_on_the_cpu():
+    assert ComputeConfig(compile=True).compiles_on("cpu")
+    assert not ComputeConfig(compile=True).compiles_on("cuda")
+    assert not ComputeConfig(compile=False).compiles_on("cpu")
