@@ -5,6 +5,7 @@ Paper settings by default (docs/protocol.md §6): IPC 50, ConvNet-3 width 128, 1
 3x28x28 (CMNIST-DD, padded to 32 inside the net), `cifar` = 3x32x32.
 
     python benchmarks/distill_speed.py --device cuda --iterations 3            # GPU, paper settings
+    python benchmarks/distill_speed.py --device cuda --precision bf16          # GPU, bf16 autocast
     python benchmarks/distill_speed.py --device cpu --width 16 --ipc 10 --outer-loop 5 --inner-loop 2 \\
         --iterations 2 --methods dc,dsa,dm                                       # reduced CPU run
 
@@ -21,13 +22,16 @@ first-call costs) are dropped and the median of the rest is reported. One markdo
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from biasdd.augment import DSAConfig
-from biasdd.distill import CONFIGS, METHODS
+from biasdd.compute import ComputeConfig
+from biasdd.distill import METHODS
 from biasdd.nets import build_network
 
 NUM_CLASSES = 10
@@ -60,7 +64,7 @@ def method_config(method: str, args: argparse.Namespace, iterations: int):
             batch_train=256,
             init="noise" if method == "dc" else "real",
         )
-    return CONFIGS[method](**values)
+    return METHODS[method].config(**values)
 
 
 def device_name(device: torch.device) -> str:
@@ -96,6 +100,7 @@ def time_case(method: str, shape: str, args: argparse.Namespace, device: torch.d
         net_factory,
         torch.Generator().manual_seed(1),
         dsa=dsa_config(shape),
+        compute=ComputeConfig(args.precision, args.compile),
         on_checkpoint=lambda state: stamps.append(time.perf_counter()),
         checkpoint_every=every,
         progress=False,
@@ -119,6 +124,9 @@ def main() -> None:
     parser.add_argument("--inner-loop", type=int, default=PAPER["inner_loop"])
     parser.add_argument("--batch-real", type=int, default=PAPER["batch_real"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute.precision")
+    parser.add_argument("--compile", action="store_true", help="compute.compile (acts on the CPU only)")
+    parser.add_argument("--json", type=str, default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +134,8 @@ def main() -> None:
     used = {k: getattr(args, k) for k in PAPER}
     label = "paper" if used == PAPER else "reduced"
 
-    print(f"settings: {used} ({label}); torch {torch.__version__}")
+    print(f"settings: {used} ({label}), precision {args.precision}; torch {torch.__version__}")
+    rows = []
     print("| device | method | shape | width | ipc | outer/inner | batch_real | s / outer iter | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
@@ -138,6 +147,20 @@ def main() -> None:
                 f"| {args.batch_real} | {seconds:.4g} ({label}) | {peak:.0f} |",
                 flush=True,
             )
+            rows.append(
+                {
+                    "device": device_name(device),
+                    "method": method,
+                    "shape": shape,
+                    **used,
+                    "settings": label,
+                    "precision": args.precision,
+                    "seconds_per_outer_iteration": seconds,
+                    "peak_mib": peak,
+                }
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

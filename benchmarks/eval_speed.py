@@ -12,9 +12,7 @@ so a reduced run (fewer epochs, smaller width or N) is labelled as such.
 Run (paper settings, one H100/H200; expected cost about 1 minute, targets <= 10 s for (a) at 1000
 epochs and <= 2 min per network for (b) at 150 epochs):
     python benchmarks/eval_speed.py --device cuda --epochs 200 --full-epochs 1
-Add --compile to time `train_networks(..., compile_forward=True)`; each `train_networks` call
-compiles its own forward, so the timed run includes that cost (as real use would), partly cut by
-inductor's on-disk cache after the warm-up.
+--precision bf16 times bf16 autocast; --compile turns on `compute.compile` (it acts on the CPU only).
 Reduced CPU run (about 30 s on 2 cores):
     python benchmarks/eval_speed.py --device cpu --epochs 5 --width 32 --full-n 2048 --full-epochs 1
 """
@@ -22,12 +20,15 @@ Reduced CPU run (about 30 s on 2 cores):
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from biasdd.evaluate import TrainConfig, train_networks
+from biasdd.compute import FP32, ComputeConfig
 from biasdd.nets import build_network
+from biasdd.train import TrainConfig, train_networks
 
 NUM_CLASSES = 10
 SYNTHETIC_N = 500  # IPC 50 x 10 classes
@@ -53,7 +54,7 @@ def time_training(
     epochs: int,
     width: int,
     device: torch.device,
-    compile_forward: bool = False,
+    compute: ComputeConfig = FP32,
     batched: bool | None = None,
 ) -> float:
     """Seconds to train `nets` networks for `epochs` epochs (after a one-epoch warm-up)."""
@@ -83,7 +84,7 @@ def time_training(
             cfg,
             generators,
             progress=False,
-            compile_forward=compile_forward,
+            compute=compute,
             batched=batched,
         )
         assert ensemble.train_loss is not None
@@ -108,7 +109,9 @@ def main() -> None:
     parser.add_argument("--full-epochs", type=int, default=1, help="epochs timed in (b)")
     parser.add_argument("--full-n", type=int, default=60_000, help="training-set size in (b)")
     parser.add_argument("--full-nets", type=int, default=1, help="networks trained at once in (b)")
-    parser.add_argument("--compile", action="store_true", help="compile the vmapped forward")
+    parser.add_argument("--compile", action="store_true", help="compute.compile (acts on the CPU only)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="compute.precision")
+    parser.add_argument("--json", type=str, default="", help="also write the rows to this JSON file")
     parser.add_argument(
         "--mode",
         choices=["auto", "vmapped", "one-by-one"],
@@ -122,7 +125,9 @@ def main() -> None:
     name = device_name(device)
     reduced = args.width != 128 or args.full_n != 60_000
     label = " (REDUCED settings, not the protocol's)" if reduced else ""
-    compiled = ", torch.compile on" if args.compile else ""
+    compiled = (", torch.compile on" if args.compile else "") + f", {args.precision}"
+    setting = ComputeConfig(args.precision, args.compile)
+    rows = []
     print(f"torch {torch.__version__}, device {name}{label}{compiled}\n")
     print("| work | device | settings | measured | projected |")
     print("|---|---|---|---|---|")
@@ -131,8 +136,18 @@ def main() -> None:
     how = {True: "vmapped at once", False: "one after another"}[
         batched if batched is not None else device.type != "cpu"
     ]
-    seconds = time_training(
-        SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device, args.compile, batched
+    seconds = time_training(SYNTHETIC_N, 32, args.nets, args.epochs, args.width, device, setting, batched)
+    rows.append(
+        {
+            "work": "synthetic",
+            "device": name,
+            "nets": args.nets,
+            "epochs": args.epochs,
+            "width": args.width,
+            "precision": args.precision,
+            "seconds": seconds,
+            "projected_1000_epochs_s": PAPER_EPOCHS_SYNTHETIC * seconds / args.epochs,
+        }
     )
     per_epoch = seconds / args.epochs
     print(
@@ -143,7 +158,23 @@ def main() -> None:
     )
     if not args.skip_full:
         seconds = time_training(
-            args.full_n, 28, args.full_nets, args.full_epochs, args.width, device, args.compile, batched
+            args.full_n, 28, args.full_nets, args.full_epochs, args.width, device, setting, batched
+        )
+        rows.append(
+            {
+                "work": "full",
+                "device": name,
+                "n": args.full_n,
+                "epochs": args.full_epochs,
+                "width": args.width,
+                "precision": args.precision,
+                "seconds": seconds,
+                "projected_150_epochs_min_per_net": PAPER_EPOCHS_FULL
+                * seconds
+                / args.full_epochs
+                / args.full_nets
+                / 60,
+            }
         )
         per_epoch_per_net = seconds / args.full_epochs / args.full_nets
         print(
@@ -152,6 +183,9 @@ def main() -> None:
             f"{PAPER_EPOCHS_FULL} epochs: {PAPER_EPOCHS_FULL * per_epoch_per_net / 60:.1f} min/net "
             f"(x {60_000 / args.full_n:.1f} for N=60,000 if reduced) |"
         )
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,16 @@ def fake_cifar(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarr
         "test_labels": np.array(test_labels),
     }
     return tmp_path / "mirror", checksums, arrays
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none (CI, laptops);
+    `benchmarks/gpu_check.sh` runs them on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by benchmarks/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

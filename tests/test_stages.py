@@ -250,3 +250,33 @@ def test_registry_conf_and_dvc_yaml_agree():
     assert paper["distill"]["dm"]["iterations"] == 20000 and paper["model"]["width"] == 128
     assert paper["distill"]["dc"]["ipc"] == 50 and paper["evaluate"]["full"]["epochs"] == 150
     assert paper["compute"]["precision"] == "fp32"
+
+
+@pytest.mark.slow
+def test_gpu_dm_cell_script_runs_on_the_cpu(tmp_path, biased):
+    """benchmarks/gpu_dm_cell.py (part of benchmarks/gpu_check.sh) in its reduced form, on the CPU."""
+    out = tmp_path / "dm_cell.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks/gpu_dm_cell.py"),
+            "--data",
+            str(biased),
+            "--seconds",
+            "1",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--smoke",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = __import__("json").loads(out.read_text())
+    assert figures["reduced"] and figures["iterations"] >= 2
+    assert 0.0 <= figures["test_conflicting_accuracy"]["mean"] <= 1.0

@@ -1,0 +1,283 @@
+"""biasdd's DM, DC and DSA against a plain per-class implementation of the same algorithm, side by side
+in one process, at the same settings; prints seconds per (outer) iteration and the ratio.
+
+The per-class implementation is written here the way the field's reference code is written (Zhao &
+Bilen's DatasetCondensation `main.py` / `main_DM.py`): a fresh network module every outer iteration, a
+Python loop over classes, per class one siamese DSA call over its real and synthetic images, per class
+`torch.autograd.grad` on the real batch and (with `create_graph`) on the synthetic images for DC/DSA,
+and the network's inner-loop training on the synthetic set batch by batch. It uses biasdd's DSA ops and
+ConvNet, so the difference is the structure and the compute settings alone.
+
+    python benchmarks/speed_vs_reference.py                      # quick settings, all three, ~10 min
+    python benchmarks/speed_vs_reference.py --methods dm --levers  # DM: each lever measured on its own
+
+Quick settings (the defaults): ConvNet-3 width 32, IPC 10, batch_real 64, CMNIST-DD shape 3x28x28
+(padded to 32x32 in the first conv), DC/DSA outer_loop 10 / inner_loop 50 (the reference's IPC-10 loops);
+biasdd with `compute` = bf16 + torch.compile (the quick budget's), and, as a second row, fp32 eager.
+Blocks of iterations alternate (reference, biasdd, reference, ...) for `--rounds` rounds; the first
+`--warmup` iterations of each biasdd block (compilation) are dropped; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from biasdd import compute
+from biasdd.augment import DSAConfig, dsa_augment
+from biasdd.compute import ComputeConfig
+from biasdd.distill import METHODS
+from biasdd.nets import build_network
+
+K = 10
+DSA = DSAConfig("color_crop_cutout_scale_rotate", 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)  # digits: no flip
+
+
+# --- the per-class reference -------------------------------------------------------------------------
+
+
+class Reference:
+    """The reference's structure: per-class loops, a fresh module per outer iteration, fp32 eager."""
+
+    def __init__(
+        self, method: str, real: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace
+    ) -> None:
+        self.method, self.real, self.args = method, real, args
+        self.by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(K)]
+        self.generator = torch.Generator().manual_seed(1)
+        init = torch.cat([self.by_class[c][: args.ipc] for c in range(K)])
+        self.syn = real[init].clone().requires_grad_(True)  # real init
+        lr = 1.0 if method == "dm" else 0.1
+        self.optimizer = torch.optim.SGD([self.syn], lr=lr, momentum=0.5)
+        self.dsa = None if method == "dc" else DSA
+
+    def _net(self) -> torch.nn.Module:
+        return build_network("convnet3", 3, K, self.real.shape[-1], self.args.width, generator=self.generator)
+
+    def _batch(self, c: int) -> torch.Tensor:
+        index = self.by_class[c][torch.randperm(len(self.by_class[c]), generator=self.generator)]
+        return self.real[index[: self.args.batch_real]]
+
+    def _siamese(self, real: torch.Tensor, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dsa is None:
+            return real, syn
+        both = dsa_augment(
+            torch.cat([real, syn]),
+            self.dsa,
+            self.generator,
+            groups=torch.zeros(len(real) + len(syn), dtype=torch.long),
+        )
+        return both[: len(real)], both[len(real) :]
+
+    def iteration(self) -> None:
+        if self.method == "dm":
+            self._dm()
+        else:
+            self._gradient_matching()
+
+    def _dm(self) -> None:
+        ipc = self.args.ipc
+        net = self._net()
+        net.train()
+        for p in net.parameters():
+            p.requires_grad = False
+        loss = torch.tensor(0.0)
+        for c in range(K):
+            real, syn = self._siamese(self._batch(c), self.syn[c * ipc : (c + 1) * ipc])
+            out_real = net.embed(real).detach()
+            out_syn = net.embed(syn)
+            loss = loss + torch.sum((out_real.mean(0) - out_syn.mean(0)) ** 2)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def _gradient_matching(self) -> None:
+        args, ipc = self.args, self.args.ipc
+        net = self._net()
+        net.train()
+        params = list(net.parameters())
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=0.01)
+        syn_labels = torch.arange(K).repeat_interleave(ipc)
+        for outer in range(args.outer_loop):
+            loss = torch.tensor(0.0)
+            for c in range(K):
+                real, syn = self._siamese(self._batch(c), self.syn[c * ipc : (c + 1) * ipc])
+                label_real = torch.full((len(real),), c)
+                label_syn = torch.full((ipc,), c)
+                g_real = torch.autograd.grad(F.cross_entropy(net(real), label_real), params)
+                g_real = [g.detach() for g in g_real]
+                g_syn = torch.autograd.grad(F.cross_entropy(net(syn), label_syn), params, create_graph=True)
+                loss = loss + _match_loss(g_syn, g_real)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            if outer == args.outer_loop - 1:
+                break
+            syn_train = self.syn.detach().clone()
+            for _ in range(args.inner_loop):  # the reference's epoch('train', ...) on the synthetic set
+                order = torch.randperm(len(syn_train), generator=self.generator)
+                for start in range(0, len(order), 256):
+                    index = order[start : start + 256]
+                    x = syn_train[index]
+                    if self.dsa is not None:
+                        x = dsa_augment(x, self.dsa, self.generator)
+                    batch_loss = F.cross_entropy(net(x), syn_labels[index])
+                    optimizer_net.zero_grad()
+                    batch_loss.backward()
+                    optimizer_net.step()
+
+
+def _match_loss(g_syn: list[torch.Tensor], g_real: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's match_loss with distance_wb: 1 - cosine per output row; 1-d tensors ignored."""
+    total = torch.tensor(0.0)
+    for gs, gr in zip(g_syn, g_real, strict=True):
+        if gr.ndim == 1:
+            continue
+        gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+        total = total + torch.sum(1 - torch.sum(gr * gs, dim=-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6))
+    return total
+
+
+# --- biasdd -----------------------------------------------------------------------------------------------
+
+
+def biasdd_block(
+    method: str,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    args: argparse.Namespace,
+    setting: ComputeConfig,
+    n: int,
+) -> list[float]:
+    """Seconds of each of `n` outer iterations of one biasdd run (the first `args.warmup` dropped)."""
+    values = dict(
+        ipc=args.ipc, iterations=n + args.warmup, batch_real=args.batch_real, momentum_img=0.5, init="real"
+    )
+    if method == "dm":
+        values["lr_img"] = 1.0
+    else:
+        values.update(
+            lr_img=0.1, outer_loop=args.outer_loop, inner_loop=args.inner_loop, lr_net=0.01, batch_train=256
+        )
+    cfg = METHODS[method].config(**values)
+    stamps = [time.perf_counter()]
+
+    def factory(g: torch.Generator) -> torch.nn.Module:
+        return build_network("convnet3", 3, K, real.shape[-1], args.width, generator=g)
+
+    METHODS[method](
+        real,
+        labels,
+        K,
+        cfg,
+        factory,
+        torch.Generator().manual_seed(0),
+        dsa=DSA,
+        compute=setting,
+        progress=False,
+        checkpoint_every=1,
+        on_checkpoint=lambda state: stamps.append(time.perf_counter()),
+    )
+    deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return deltas[args.warmup :]
+
+
+def reference_block(ref: Reference, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        ref.iteration()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def compare(method: str, args: argparse.Namespace, real: torch.Tensor, labels: torch.Tensor) -> None:
+    n = args.dm_iterations if method == "dm" else args.gm_iterations
+    settings = {"bf16+compile": ComputeConfig("bf16", True), "fp32 eager": ComputeConfig("fp32", False)}
+    ref = Reference(method, real, labels, args)
+    reference_block(ref, 1)  # warm-up: allocator, first calls
+    times: dict[str, list[float]] = {"reference": [], **{k: [] for k in settings}}
+    for _ in range(args.rounds):
+        times["reference"] += reference_block(ref, n)
+        for name, setting in settings.items():
+            times[name] += biasdd_block(method, real, labels, args, setting, n)
+    ref_median = statistics.median(times["reference"])
+    for name in settings:
+        median = statistics.median(times[name])
+        print(
+            f"| {method} | per-class reference (fp32 eager) | {ref_median:.3f} s | biasdd {name} | "
+            f"{median:.3f} s | {ref_median / median:.2f}x |",
+            flush=True,
+        )
+
+
+def levers(args: argparse.Namespace, real: torch.Tensor, labels: torch.Tensor) -> None:
+    """DM, one lever at a time on top of the previous ones."""
+    steps: list[tuple[str, ComputeConfig, int]] = [
+        ("one pass per side (no chunks), fp32, eager", ComputeConfig("fp32", False), 0),
+        ("+ cache-sized chunks (128 images)", ComputeConfig("fp32", False), compute.CPU_CHUNK),
+        ("+ bf16 autocast", ComputeConfig("bf16", False), compute.CPU_CHUNK),
+        ("+ torch.compile (fused norm/ReLU/pool)", ComputeConfig("bf16", True), compute.CPU_CHUNK),
+    ]
+    original = compute.CPU_CHUNK
+    results = {name: [] for name, _, _ in steps}
+    try:
+        for _ in range(args.rounds):
+            for name, setting, chunk in steps:
+                compute.CPU_CHUNK = chunk
+                results[name] += biasdd_block("dm", real, labels, args, setting, args.dm_iterations)
+    finally:
+        compute.CPU_CHUNK = original
+    for threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        deltas = biasdd_block("dm", real, labels, args, ComputeConfig("bf16", True), args.dm_iterations)
+        results[f"all of the above, {threads} thread(s)"] = deltas
+    base = statistics.median(results[steps[0][0]])
+    for name, deltas in results.items():
+        median = statistics.median(deltas)
+        print(f"| DM lever | {name} | {1e3 * median:.1f} ms | {base / median:.2f}x |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="dm,dc,dsa")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--batch-real", type=int, default=64)
+    parser.add_argument("--outer-loop", type=int, default=10)
+    parser.add_argument("--inner-loop", type=int, default=50)
+    parser.add_argument("--size", type=int, default=28, help="28 (CMNIST-DD) or 32 (CCIFAR10-DD)")
+    parser.add_argument("--dm-iterations", type=int, default=20, help="timed DM iterations per block")
+    parser.add_argument(
+        "--gm-iterations", type=int, default=2, help="timed DC/DSA outer iterations per block"
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="biasdd iterations dropped per block")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levers", action="store_true", help="DM: measure each lever on its own")
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; width {args.width}, IPC {args.ipc}, batch_real {args.batch_real}, "
+        f"3x{args.size}x{args.size}, DC/DSA loops {args.outer_loop}/{args.inner_loop}",
+        flush=True,
+    )
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(K).repeat_interleave(600)  # 6,000 images: the batches only need a pool
+    real = torch.randn(len(labels), 3, args.size, args.size, generator=generator)
+    print(
+        "| method | baseline | s / iteration | biasdd | s / iteration | speed-up |\n|---|---|---|---|---|---|"
+    )
+    if args.levers:
+        levers(args, real, labels)
+        return
+    for method in args.methods.split(","):
+        compare(method, args, real, labels)
+
+
+if __name__ == "__main__":
+    main()
