@@ -3,7 +3,7 @@
     python benchmarks/bias_inject.py [--n-cifar 50000] [--workers N] [--append benchmarks/RESULTS.md]
 
 CMNIST-DD uses the real MNIST training set (embedded copy); CCIFAR10-DD uses random CIFAR-shaped pixels
-(32x32x3 uint8: corruption cost hardly depends on content). Targets (foundation issue): full CMNIST-DD
+(32x32x3 uint8: corruption cost hardly depends on content). Targets: full CMNIST-DD
 training set <= 30 s, full CCIFAR10-DD training set (50,000 images) <= 3 min. Cost: about a minute.
 """
 

@@ -1,6 +1,6 @@
 """Where the base datasets come from, and readers for their original on-disk formats.
 
-Sources, in order (the `download` stage, foundation issue):
+Sources, in order (the `download` stage):
 1. a mirror folder in torchvision's layout (`download.mirror` in params.yaml, overridden by the
    environment variable `BIASDD_DATA_MIRROR`): `<mirror>/MNIST/raw/*.gz`, `<mirror>/cifar-10-batches-py/`
    or `<mirror>/cifar-10-python.tar.gz`;
