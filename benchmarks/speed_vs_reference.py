@@ -262,7 +262,8 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; width {args.width}, IPC {args.ipc}, batch_real {args.batch_real}, "
+        f"{torch.get_num_threads()} threads; width {args.width}, IPC {args.ipc}, "
+        f"batch_real {args.batch_real}, "
         f"3x{args.size}x{args.size}, DC/DSA loops {args.outer_loop}/{args.inner_loop}",
         flush=True,
     )

@@ -34,7 +34,8 @@ def main() -> None:
     setup = configure(load_params(args.params))  # validates before any work
     io.check_artifact(args.data, "biased")
     groups = bias_model.run(setup, args.data)
-    io.write_h5(args.out, groups, {**setup.provenance(), "code_version": io.code_version()}, kind="bias_model")
+    provenance = {**setup.provenance(), "code_version": io.code_version()}
+    io.write_h5(args.out, groups, provenance, kind="bias_model")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--loss", required=True, type=Path)
     parser.add_argument("--checkpoints", required=True, type=Path)
-    parser.add_argument("--bias-model", type=Path, help="the bias_model stage's scores (debias.mode inferred)")
+    parser.add_argument("--bias-model", type=Path, help="the bias_model stage's scores (for debias inferred)")
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params), args.method)  # validates before any work

@@ -4,7 +4,8 @@ method's) or on the full biased set (`full`), and score them on the unbiased tes
 
     python stages/evaluate.py --name dm --params params.yaml --data data/biased.h5 \
         --train data/synthetic/dm.h5 --bias-classifier data/bias_classifier.pt \
-        --metrics-conflicting metrics/test_conflicting/dm.json --metrics-uniform metrics/test_uniform/dm.json \
+        --metrics-conflicting metrics/test_conflicting/dm.json \
+        --metrics-uniform metrics/test_uniform/dm.json \
         --metrics-bias metrics/bias/dm.json --details metrics/details/dm.json
     python stages/evaluate.py --name full --train data/biased.h5 ...   # the full-set baseline
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--train", required=True, type=Path)
     parser.add_argument("--bias-classifier", required=True, type=Path, help="for the amplification metrics")
-    parser.add_argument("--metrics-conflicting", required=True, type=Path, help="DVC metrics, test_conflicting")
+    parser.add_argument("--metrics-conflicting", required=True, type=Path, help="DVC metrics, rho 0 split")
     parser.add_argument("--metrics-uniform", required=True, type=Path, help="DVC metrics, test_uniform")
     parser.add_argument("--metrics-bias", required=True, type=Path, help="DVC metrics, bias amplification")
     parser.add_argument("--details", required=True, type=Path, help="everything else (not a DVC metric)")

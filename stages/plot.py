@@ -56,7 +56,9 @@ def main() -> None:
     for method in methods:
         io.check_artifact(args.synthetic_dir / f"{method}.h5", "synthetic")
     attrs = io.read_attrs(args.data, kind="biased")
-    label = f"{attrs['dataset']}, bias ratio {attrs['bias_ratio']}, severity {attrs['severity']}, budget {budget}"
+    label = (
+        f"{attrs['dataset']}, bias ratio {attrs['bias_ratio']}, severity {attrs['severity']}, budget {budget}"
+    )
 
     train = io.read_h5(args.data, "train", ("images", "labels", "attributes"), kind="biased")
     plots.sample_grid(
@@ -94,7 +96,8 @@ def main() -> None:
     rows = plots.accuracy_rows(results)
     for split in plots.SPLITS:
         plots.write_csv(args.series / f"accuracy_{split}.csv", [r for r in rows if r["split"] == split])
-    plots.accuracy_figure(results, args.figures / "accuracy.png", f"accuracy, mean +- std over repeats ({label})")
+    title = f"accuracy, mean +- std over repeats ({label})"
+    plots.accuracy_figure(results, args.figures / "accuracy.png", title)
     io.write_json(args.series / "summary.json", {"label": label, "rows": rows})
 
 

@@ -115,7 +115,10 @@ def test_compiled_passes_match_eager():
         syn = real[:, :8].clone().requires_grad_(True)
         loss = dm.embedding_loss(net, real, syn, runner)
         (grad,) = torch.autograd.grad(loss, [syn])
-    assert runner._embed.compiled is not None and max(runner._embed.seen.values()) > compute.Compiled.COMPILE_AFTER
+    assert (
+        runner._embed.compiled is not None
+        and max(runner._embed.seen.values()) > compute.Compiled.COMPILE_AFTER
+    )
     assert abs(float(loss) - eager_loss) / eager_loss < 1e-4
     assert _cosine(grad, eager_grad) > 0.9999
 

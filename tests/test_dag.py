@@ -212,9 +212,13 @@ def test_every_declared_param_of_a_foreach_stage_is_read_by_some_item():
         for _, item, definition in items:
             declared = [d.replace(f".{item}", ".${item}") for d in definition.get("params", [])]
             unused = sorted(
-                d for d in declared
-                if not any(_covered(k, d.replace("${item}", i)) or _covered(d.replace("${item}", i), k)
-                           for k in read for _, i, _ in items)
+                d
+                for d in declared
+                if not any(
+                    _covered(k, d.replace("${item}", i)) or _covered(d.replace("${item}", i), k)
+                    for k in read
+                    for _, i, _ in items
+                )
             )
             assert unused == [], f"{name}: declared params no item reads"
 

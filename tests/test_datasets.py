@@ -49,14 +49,18 @@ def test_biased_dataset_in_torchvision_conventions(tmp_path):
     plain = BiasedDataset(tmp_path / "biased.h5", "test_conflicting")
     image, label, attribute = plain[3]
     assert image.size == (28, 28) and image.mode == "RGB"  # a PIL image, as torchvision's MNIST gives
-    np.testing.assert_array_equal(np.asarray(image), groups["test_conflicting"]["images"][3].transpose(1, 2, 0))
+    np.testing.assert_array_equal(
+        np.asarray(image), groups["test_conflicting"]["images"][3].transpose(1, 2, 0)
+    )
     assert (label, attribute) == (3, 4) and len(plain) == 20 and plain.classes[3] == "3"
     assert not plain.aligned.any() and plain.bias_ratio == 0.9
 
     def to_tensor(pil) -> torch.Tensor:
         return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255
 
-    train = BiasedDataset(tmp_path / "biased.h5", "train", transform=to_tensor, target_transform=lambda y: y + 100)
+    train = BiasedDataset(
+        tmp_path / "biased.h5", "train", transform=to_tensor, target_transform=lambda y: y + 100
+    )
     images, labels, attributes = next(iter(DataLoader(train, batch_size=8)))
     assert images.shape == (8, 3, 28, 28) and labels.tolist() == [100 + i for i in range(8)]
     assert attributes.tolist() == list(range(8)) and train.aligned.all()

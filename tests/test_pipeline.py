@@ -133,8 +133,13 @@ def test_params_show_the_values_each_experiment_used(tmp_path):
         for exp in row.get("experiments") or []:
             data = exp["revs"][0]["data"]["params"]["params.yaml"]["data"]
             params[exp["name"]] = data
-    assert params["quick-run"]["budget"] == "quick" and params["quick-run"]["distill"]["dm"]["iterations"] == 4
-    assert params["paper-run"]["budget"] == "paper" and params["paper-run"]["distill"]["dm"]["iterations"] == 20000
+    assert (
+        params["quick-run"]["budget"] == "quick" and params["quick-run"]["distill"]["dm"]["iterations"] == 4
+    )
+    assert (
+        params["paper-run"]["budget"] == "paper"
+        and params["paper-run"]["distill"]["dm"]["iterations"] == 20000
+    )
     assert params["paper-run"]["model"]["width"] == 128 and params["quick-run"]["model"]["width"] == 8
     diff = run(repo, "dvc", "params", "diff", "quick-run", "paper-run")
     line = next(line for line in diff.splitlines() if "distill.dm.iterations" in line)

@@ -270,15 +270,17 @@ def check_device(name: Any) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """`auto` -> a CUDA device when present (leased, so that runs side by side each get their own;
-    see `biasdd.lease`), else cpu; `cpu`, `cuda` and `cuda:N` as given (checked)."""
+    """`auto` and `cuda` -> a CUDA device leased for this process when CUDA is present (runs side by side
+    each get a card of their own; `biasdd.lease`), else `auto` -> cpu; `cpu` and `cuda:N` as given."""
     import torch
 
     check_device(name)
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
+    if name in ("auto", "cuda"):
+        from biasdd.lease import lease_device
+
+        return lease_device(name)
     return name
 
 

@@ -84,7 +84,12 @@ class BiasedDataset(Dataset):
 
     @classmethod
     def from_dvc(
-        cls, path: str = "data/biased.h5", split: str = "train", repo: str | None = None, rev: str | None = None, **kwargs: Any
+        cls,
+        path: str = "data/biased.h5",
+        split: str = "train",
+        repo: str | None = None,
+        rev: str | None = None,
+        **kwargs: Any,
     ) -> BiasedDataset:
         """Load from a revision (commit, branch, tag or experiment name) of a DVC repository."""
         return cls(_open_dvc(path, repo, rev), split, **kwargs)
@@ -123,7 +128,9 @@ class SyntheticDataset(Dataset):
     ) -> None:
         groups = [g for g in io.list_groups(source, kind="synthetic") if g.startswith("repeat_")]
         if f"repeat_{repeat}" not in groups:
-            raise ValueError(f"repeat: {repeat!r} is not valid; this file holds {len(groups)} distillation(s)")
+            raise ValueError(
+                f"repeat: {repeat!r} is not valid; this file holds {len(groups)} distillation(s)"
+            )
         data = io.read_h5(source, f"repeat_{repeat}", ("images", "labels"), kind="synthetic")
         norm = io.read_h5(source, "normalisation", ("mean", "std"), kind="synthetic")
         attrs = io.read_attrs(source, kind="synthetic")

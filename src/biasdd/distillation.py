@@ -92,8 +92,8 @@ def debias_targets_for(
         )
         if scores.shape != labels.shape:
             raise ArtifactError(
-                f"{bias_model_path}: {scores.shape[0]} scores for {labels.shape[0]} training images (made from "
-                "another biased.h5?); rebuild it with `dvc repro bias_model`"
+                f"{bias_model_path}: {scores.shape[0]} scores for {labels.shape[0]} training images "
+                "(made from another biased.h5?); rebuild it with `dvc repro bias_model`"
             )
     return debias_targets(
         setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), scores=scores

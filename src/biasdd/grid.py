@@ -3,12 +3,15 @@
     biasdd-grid queue [--datasets cmnist ccifar10] [--ratios 0 0.1 0.5 0.8 0.95 1]
                       [--severity-sweep] [--budget quick] [--dry-run] [--start -j N]
     biasdd-grid wait                     # block until the queue has no queued or running experiment
-    dvc queue start -j N                 # what `--start -j N` runs: N experiments at a time
+    dvc queue start -j N                 # what `--start -j N` runs: N experiments at a time; on a GPU
+                                         # machine N = its number of GPUs (each takes one: biasdd.lease)
     dvc queue status                     # queued / running / success / failed
     biasdd-report                        # Table 1, Table 2 and curves (biasdd.report)
 
 Cost: queueing is ~1 s per experiment; each experiment is a whole `dvc repro` in its own temporary
 copy of the repository (quick budget on CPU: about 10 min for CMNIST; `paper` needs a GPU for hours).
+With `device: auto` each experiment's stages lease a GPU of their own, so `-j <number of GPUs>` runs one
+experiment per card (more would wait for a free card). Beyond one machine: `biasdd-cluster` (Ray).
 
 The grid (the study's layout):
 - Table 1: every dataset x bias ratio at severity 4, the whole pipeline (DC, DSA, DM, the full set).
@@ -159,7 +162,7 @@ def wait(repo: Path, poll_s: float = 10.0, timeout_s: float | None = None) -> di
 def _next_steps(jobs: int) -> str:
     return (
         "next:\n"
-        f"  dvc queue start -j {jobs}    # run {jobs} experiment(s) at a time\n"
+        f"  dvc queue start -j {jobs}    # {jobs} experiment(s) at a time; with GPUs: -j <number of GPUs>\n"
         "  dvc queue status            # queued / running / success / failed\n"
         "  dvc queue logs <name>       # one experiment's output\n"
         "  biasdd-report               # Table 1, Table 2, curves -> reports/<budget>/"
@@ -176,7 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--budget", default="quick", choices=BUDGETS)
     q.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
     q.add_argument("--start", action="store_true", help="then run `dvc queue start -j N`")
-    q.add_argument("-j", "--jobs", type=int, default=1, help="parallel experiments for --start (default 1)")
+    q.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        help="parallel experiments for --start (default 1); on a GPU machine, its number of GPUs",
+    )
     w = sub.add_parser("wait", help="wait until no experiment is queued or running")
     w.add_argument("--poll", type=float, default=10.0, help="seconds between `dvc queue status` calls")
     w.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")

@@ -200,17 +200,21 @@ def read_h5(
         missing = [n for n in wanted if n not in g]
         if missing:
             raise ArtifactError(
-                f"{path}: group {group!r} lacks {missing} (it has {sorted(g.keys())}); {_rebuild_hint(path, kind)}"
+                f"{path}: group {group!r} lacks {missing} (it has {sorted(g.keys())}); "
+                f"{_rebuild_hint(path, kind)}"
             )
         try:
             return {n: g[n][()] for n in wanted}
         except OSError as error:  # a truncated file can open and still fail on the data
             raise ArtifactError(
-                f"{path}: unreadable data in group {group!r} (truncated or corrupt); {_rebuild_hint(path, kind)}"
+                f"{path}: unreadable data in group {group!r} (truncated or corrupt); "
+                f"{_rebuild_hint(path, kind)}"
             ) from error
 
 
-def read_attrs(path: str | Path | BinaryIO, group: str | None = None, kind: str | None = None) -> dict[str, Any]:
+def read_attrs(
+    path: str | Path | BinaryIO, group: str | None = None, kind: str | None = None
+) -> dict[str, Any]:
     """File (or group) attributes, JSON-decoded where they were encoded."""
     with _open(path, kind) as f:
         node = f if group is None else f[group]

@@ -21,6 +21,8 @@ Outputs, one folder per budget found, `<out>/<budget>/`:
 - `cells.csv`: every cell found, long form, with the experiment it came from.
 
 Missing cells stay blank: a partial grid gives partial tables. Each table's title states its budget.
+Cells that failed on a Ray cluster (`biasdd-cluster run` records them in `reports/cluster-status.json`
+of the repository; they have no experiment, hence no metrics) are listed under the tables they belong to.
 Deviation from STYLE ("only the plotting module imports matplotlib"): the curves live here, next to
 the tables they mirror; `biasdd.plots` is reused for the backend set-up and the atomic PNG writer.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io as _io
 import json
 import logging
@@ -60,6 +63,7 @@ BUDGET_NOTES = {
     "paper": "the study's budget (docs/protocol.md)",
 }
 WORKSPACE = "workspace"
+CLUSTER_STATUS = Path("reports") / "cluster-status.json"  # written by biasdd.cluster, relative to the repo
 
 
 @dataclass(frozen=True)
@@ -250,12 +254,15 @@ class Table:
     corner: str  # the label of the row-label column
     columns: list[str]
     rows: list[tuple[str, list[Cell | None]]]
+    notes: tuple[str, ...] = ()  # lines under the table (markdown only), e.g. failed cells
 
     def markdown(self) -> str:
         lines = [f"**{self.title}**", "", f"| {self.corner} | " + " | ".join(self.columns) + " |"]
         lines.append("|---" * (len(self.columns) + 1) + "|")
         for label, cells in self.rows:
             lines.append(f"| {label} | " + " | ".join(_fmt_cell(c, "±") for c in cells) + " |")
+        if self.notes:
+            lines += ["", *self.notes]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -341,6 +348,34 @@ def _write_text(path: Path, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+# --- cells that failed on a cluster ---------------------------------------------------------------------
+
+
+def read_failed_cells(path: Path) -> list[dict[str, Any]]:
+    """The failed cells' records in a `biasdd-cluster` status file (none when the file is absent)."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", {})
+    except FileNotFoundError:
+        return []
+    return [record for _, record in sorted(cells.items()) if record.get("state") == "failed"]
+
+
+def failed_notes(failed: Sequence[Mapping[str, Any]], budget: str, table: str) -> tuple[str, ...]:
+    """Lines naming the failed cells that would have filled `table` (table1 or table2) of `budget`."""
+    notes = []
+    for record in failed:
+        if record.get("budget") != budget:
+            continue
+        in_table1 = record.get("severity") == TABLE1_SEVERITY
+        in_table2 = record.get("bias_ratio") in TABLE2_RATIOS
+        if (table == "table1" and in_table1) or (table == "table2" and in_table2):
+            notes.append(
+                f"- FAILED on the cluster, no result: {record.get('name')} "
+                f"(attempts: {record.get('attempts')}; {record.get('error')})"
+            )
+    return tuple(notes)
+
+
 # --- curves (matplotlib: see the module docstring) ---------------------------------------------------
 
 
@@ -380,10 +415,15 @@ def curves_figure(cells: Mapping[tuple, Cell], budget: str, dataset: str, path: 
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def write_report(exp_show: Sequence[Mapping[str, Any]], out: Path) -> dict[str, list[Path]]:
-    """Write every table and curve for every budget found; returns the files per budget."""
+def write_report(
+    exp_show: Sequence[Mapping[str, Any]], out: Path, failed: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, list[Path]]:
+    """Write every table and curve for every budget found; returns the files per budget.
+
+    `failed`: records of cells that failed on a cluster (`read_failed_cells`), listed under the tables.
+    """
     cells = collect_cells(exp_show)
-    budgets = sorted({c.budget for c in cells.values()})
+    budgets = sorted({c.budget for c in cells.values()} | {r["budget"] for r in failed if r.get("budget")})
     if not budgets:
         log.warning("no experiment has metrics yet: nothing to report (run `dvc queue status`)")
     written: dict[str, list[Path]] = {}
@@ -392,6 +432,7 @@ def write_report(exp_show: Sequence[Mapping[str, Any]], out: Path) -> dict[str, 
         files = []
         for split in SPLITS:
             for table in (table1(cells, budget, split), table2(cells, budget, split)):
+                table = dataclasses.replace(table, notes=failed_notes(failed, budget, table.name[:6]))
                 for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
                     path = folder / f"{table.name}{suffix}"
                     _write_text(path, text)
@@ -426,7 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp_show = json.loads(args.exp_show_json.read_text())
     else:
         exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
-    written = write_report(exp_show, args.out)
+    failed = read_failed_cells(args.repo / CLUSTER_STATUS)
+    for record in failed:
+        log.warning("%s failed on the cluster: %s", record.get("name"), record.get("error"))
+    written = write_report(exp_show, args.out, failed)
     for files in written.values():  # the CLI prints its study tables
         for path in files:
             if path.name.startswith("table1_test_conflicting") and path.suffix == ".md":

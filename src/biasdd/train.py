@@ -67,7 +67,8 @@ class TrainConfig(Config):
             # A milestone outside 1..epochs-1 would silently never fire (e.g. a shortened budget
             # that forgot to shorten its milestones), so fail loudly instead.
             raise ConfigError(
-                f"{where}.lr_milestones: {list(milestones)} must lie in [1, epochs - 1] = [1, {self.epochs - 1}]"
+                f"{where}.lr_milestones: {list(milestones)} must lie in [1, epochs - 1] = "
+                f"[1, {self.epochs - 1}]"
             )
 
 
@@ -259,21 +260,14 @@ def _train_one_by_one(
             work.load_state_dict(fresh.state_dict())  # the same module: its compiled code is reused
         assert runner is not None
         work.train()
-        params = list(work.parameters())
         data = images[r] if per_network else images
         targets = labels[r] if per_network else labels
-
-        def make_optimizer(epoch: int) -> torch.optim.SGD:
-            return torch.optim.SGD(
-                params, lr=lr_at(epoch, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-
-        optimizer = make_optimizer(0)
+        optimizer = _sgd(work.parameters(), cfg, 0)
         epoch_loss = torch.zeros((), device=device)
         bar = _progress(cfg, progress, f"train eval net {r + 1}/{len(generators)}")
         for epoch in bar:
             if epoch in milestones:
-                optimizer = make_optimizer(epoch)  # new lr, momentum buffer reset (the reference)
+                optimizer = _sgd(work.parameters(), cfg, epoch)  # new lr, momentum reset (the reference)
             order = torch.randperm(num_samples, generator=generator, device=generator.device).to(device)
             epoch_loss.zero_()
             for start, end in bounds:
@@ -293,6 +287,11 @@ def _train_one_by_one(
         losses.append(epoch_loss / len(bounds))
         trained.append(copy.deepcopy(work))
     return _ensemble(trained, torch.stack(losses))
+
+
+def _sgd(params, cfg: TrainConfig, epoch: int) -> torch.optim.SGD:
+    """The optimiser of `epoch`: a new one at each milestone (new lr, momentum buffers reset)."""
+    return torch.optim.SGD(params, lr=lr_at(epoch, cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _ensemble(nets: list[nn.Module], train_loss: Tensor) -> NetworkEnsemble:

@@ -36,7 +36,8 @@ class ClassSampler:
         empty = [c for c in range(num_classes) if counts[c] == 0]
         if empty:
             raise ConfigError(
-                f"training set: class(es) {empty} have no images; every class needs some (is `download.limit_train` too small?)"
+                f"training set: class(es) {empty} have no images; every class needs some "
+                "(is `download.limit_train` too small?)"
             )
         self.num_classes = num_classes
         self.counts = counts  # (K,) on CPU
