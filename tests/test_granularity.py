@@ -24,7 +24,8 @@ def _edit_params(repo: Path, edit) -> None:
 def _tinier(budget: dict) -> None:
     """The tiny config with one repeat and fewer epochs: this test counts stages, not accuracy."""
     budget["distill"]["repeats"] = 1
-    budget["evaluate"]["repeats"] = 1
+    budget["evaluate"]["synthetic"]["repeats"] = 1
+    budget["evaluate"]["full"]["repeats"] = 1
     for schedule in budget["evaluate"]["synthetic"]["schedule"].values():
         for method in schedule.values():
             method.update(epochs=2, lr_milestones=[1])

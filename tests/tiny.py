@@ -43,14 +43,14 @@ TINY: dict[str, Any] = {
         "dm": {"ipc": 2, "iterations": 4, "batch_real": 8},
     },
     "evaluate": {
-        "repeats": 2,
         "synthetic": {
+            "repeats": 2,
             "schedule": {
                 dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm")}
                 for dataset in ("cmnist", "ccifar10")
             }
         },
-        "full": {"epochs": 2, "lr_milestones": [1], "limit_train": 200},
+        "full": {"repeats": 2, "epochs": 2, "lr_milestones": [1], "limit_train": 200},
     },
     "bias_model": {"steps": 5, "batch_size": 16, "width": 4},
     "bias_classifier": {"steps": 5, "batch_size": 16, "width": 4, "reference_limit": 100},

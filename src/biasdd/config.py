@@ -257,33 +257,6 @@ def derive_seed(seed: int, *names: str | int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
 
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_device(name: Any) -> str:
-    """`auto`, `cpu`, `cuda` or `cuda:N`, else a ConfigError."""
-    if not isinstance(name, str) or not (
-        name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
-    ):
-        raise ConfigError(f"device: {name!r} is not valid; choose one of {list(DEVICES)} or 'cuda:N'")
-    return name
-
-
-def resolve_device(name: str) -> str:
-    """`auto` and `cuda` -> a CUDA device leased for this process when CUDA is present (runs side by side
-    each get a card of their own; `biasdd.lease`), else `auto` -> cpu; `cpu` and `cuda:N` as given."""
-    import torch
-
-    check_device(name)
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
-    if name in ("auto", "cuda"):
-        from biasdd.lease import lease_device
-
-        return lease_device(name)
-    return name
-
-
 def compose_params(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = ()) -> str:
     """params.yaml's text as `dvc exp run` composes it from `conf_dir` (Hydra, config `config`), with
     `overrides` such as `budget=paper`. For `dvc repro` after editing conf/ (and for tests); needs

@@ -2,9 +2,9 @@
 full biased set, then score them per group on the unbiased test splits (docs/protocol.md §7).
 
 `configure(params, name)` validates every param the stage reads, before any work; `run` trains
-`evaluate.repeats` networks (`biasdd.train`) and scores them; `metrics_files` lays out the results:
-compact DVC metrics per test split and for the bias amplification (`metrics/<split>/<name>.json`,
-`metrics/bias/<name>.json`), and everything else (per-repeat values, aligned accuracy, sample counts,
+`evaluate.<synthetic|full>.repeats` networks (`biasdd.train`) and scores them; `metrics_files` lays
+out the results: compact DVC metrics per test split and for the bias amplification
+(`metrics/<split>/<name>.json`, `metrics/bias/<name>.json`), and everything else (per-repeat values, aligned accuracy, sample counts,
 provenance) in a sidecar that is not a DVC metric (`metrics/details/<name>.json`).
 """
 
@@ -40,11 +40,12 @@ FULL = "full"
 
 @dataclass(frozen=True)
 class EvaluateShared(Config):
-    """The keys of the `evaluate` section every evaluation reads."""
+    """How many networks an evaluation trains, and how it scores them."""
 
     SECTION: ClassVar[str] = "evaluate"
 
-    repeats: PositiveInt  # evaluation networks; network r trains on distillation r (mod their number)
+    repeats: PositiveInt  # networks (`evaluate.synthetic.repeats` / `evaluate.full.repeats`); on a
+    # synthetic set, network r trains on distillation r (mod their number)
     batch_test: PositiveInt  # batch size for scoring the test splits (accelerators)
 
 
@@ -73,14 +74,22 @@ class EvalSetup:
 def configure(params: Mapping[str, Any], name: str) -> EvalSetup:
     """Validate every param the evaluate stage for `name` (full, or a method key) uses."""
     run = run_config(params)
+    kind = "full" if name == FULL else "synthetic"
     shared = from_dict(
-        EvaluateShared, {k: section(params, "evaluate", k) for k in ("repeats", "batch_test")}, "evaluate"
+        EvaluateShared,
+        {
+            "repeats": section(params, "evaluate", kind, "repeats"),
+            "batch_test": section(params, "evaluate", "batch_test"),
+        },
+        "evaluate",
     )
     limit_train = None
     if name == FULL:
         values = dict(section(params, "evaluate", "full"))
-        if "limit_train" not in values:
-            raise UnknownKeyError("evaluate.full: missing key(s) ['evaluate.full.limit_train']")
+        for key in ("limit_train", "repeats"):
+            if key not in values:
+                raise UnknownKeyError(f"evaluate.full: missing key(s) ['evaluate.full.{key}']")
+        values.pop("repeats")
         # train on the first n images only (null = all)
         limit_train = check_value("evaluate.full.limit_train", values.pop("limit_train"), PositiveInt | None)
         train = from_dict(TrainConfig, values, "evaluate.full")
@@ -128,7 +137,7 @@ def run(
     progress: bool = True,
     bias_classifier_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Train `evaluate.repeats` networks and score them on both test splits; the full results.
+    """Train the evaluation networks and score them on both test splits; the full results.
 
     Full set: every network trains on the biased training split. Synthetic: network r trains on
     distillation r (mod the number of distillations), so each repeat is a new distillation seed and a

@@ -15,20 +15,34 @@ import torch
 from torch import nn
 
 from biasdd.compute import ComputeConfig
-from biasdd.config import (
-    Config,
-    NonNegativeInt,
-    PositiveInt,
-    check_device,
-    from_dict,
-    resolve_device,
-    section,
-)
+from biasdd.config import Config, NonNegativeInt, PositiveInt, from_dict, section
 from biasdd.data import NUM_CLASSES
 from biasdd.errors import ConfigError
+from biasdd.lease import lease_device
 from biasdd.nets import NETWORKS, build_network
 
 BUDGETS = ("quick", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: Any) -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, else a ConfigError."""
+    if not isinstance(name, str) or not (
+        name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit())
+    ):
+        raise ConfigError(f"device: {name!r} is not valid; choose one of {list(DEVICES)} or 'cuda:N'")
+    return name
+
+
+def resolve_device(name: str) -> str:
+    """`auto` and `cuda` -> a CUDA device leased for this process when CUDA is present (runs side by side
+    each get a card of their own; `biasdd.lease`), else `auto` -> cpu; `cpu` and `cuda:N` as given."""
+    check_device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
+    if name in ("auto", "cuda"):
+        return lease_device(name)
+    return name
 
 
 @dataclass(frozen=True)
