@@ -4,8 +4,9 @@ full biased set, then score them per group on the unbiased test splits (docs/pro
 `configure(params, name)` validates every param the stage reads, before any work; `run` trains
 `evaluate.<synthetic|full>.repeats` networks (`biasdd.train`) and scores them; `metrics_files` lays
 out the results: compact DVC metrics per test split and for the bias amplification
-(`metrics/<split>/<name>.json`, `metrics/bias/<name>.json`), and everything else (per-repeat values, aligned accuracy, sample counts,
-provenance) in a sidecar that is not a DVC metric (`metrics/details/<name>.json`).
+(`metrics/<split>/<name>.json`, `metrics/bias/<name>.json`), and everything else (per-repeat values,
+aligned accuracy, sample counts, provenance) in a sidecar that is not a DVC metric
+(`metrics/details/<name>.json`).
 """
 
 from __future__ import annotations
