@@ -15,7 +15,8 @@ Quick settings (the defaults): ConvNet-3 width 32, IPC 10, batch_real 64, CMNIST
 (padded to 32x32 in the first conv), DC/DSA outer_loop 10 / inner_loop 50 (the reference's IPC-10 loops);
 biasdd with `compute` = bf16 + torch.compile (the quick budget's), and, as a second row, fp32 eager.
 Blocks of iterations alternate (reference, biasdd, reference, ...) for `--rounds` rounds; the first
-`--warmup` iterations of each biasdd block (compilation) are dropped; figures are medians.
+`--warmup` (DM) / `--gm-warmup` (DC, DSA) iterations of each biasdd block (compilation) are dropped;
+figures are medians.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def biasdd_block(
     n: int,
 ) -> list[float]:
     """Seconds of each of `n` outer iterations of one biasdd run (the first `args.warmup` dropped)."""
+    warmup = args.warmup if method == "dm" else args.gm_warmup
     values = dict(
-        ipc=args.ipc, iterations=n + args.warmup, batch_real=args.batch_real, momentum_img=0.5, init="real"
+        ipc=args.ipc, iterations=n + warmup, batch_real=args.batch_real, momentum_img=0.5, init="real"
     )
     if method == "dm":
         values["lr_img"] = 1.0
@@ -184,7 +186,7 @@ def biasdd_block(
         on_checkpoint=lambda state: stamps.append(time.perf_counter()),
     )
     deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return deltas[args.warmup :]
+    return deltas[warmup:]
 
 
 def reference_block(ref: Reference, n: int) -> list[float]:
@@ -256,7 +258,8 @@ def main() -> None:
     parser.add_argument(
         "--gm-iterations", type=int, default=2, help="timed DC/DSA outer iterations per block"
     )
-    parser.add_argument("--warmup", type=int, default=2, help="biasdd iterations dropped per block")
+    parser.add_argument("--warmup", type=int, default=5, help="DM iterations dropped per biasdd block")
+    parser.add_argument("--gm-warmup", type=int, default=1, help="DC/DSA outer iterations dropped per block")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levers", action="store_true", help="DM: measure each lever on its own")
     args = parser.parse_args()
