@@ -130,7 +130,7 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
     [
         (
             lambda p: p.update(budget="huge"),
-            r"budget: 'huge' is not valid; choose one of \['quick', 'paper'\]",
+            r"budget: 'huge' is not valid; choose one of \['quick', 'hour', 'paper'\]",
         ),
         (lambda p: p.update(device="tpu"), r"device: 'tpu' is not valid"),
         (
@@ -234,7 +234,7 @@ def test_registry_conf_and_dvc_yaml_agree():
     assert dvc["stages"]["distill"]["foreach"] == "${methods}"
     assert dvc["stages"]["evaluate"]["foreach"] == "${methods}"
     # every budget and dataset gives a valid setup for every method and the full set
-    for budget in ("quick", "paper"):
+    for budget in ("quick", "hour", "paper"):
         for dataset in ("cmnist", "ccifar10"):
             composed = yaml.safe_load(
                 compose_params(REPO / "conf", [f"budget={budget}", f"dataset={dataset}"])

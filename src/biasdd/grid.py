@@ -43,7 +43,7 @@ BIAS_RATIOS = (0.0, 0.1, 0.5, 0.8, 0.95, 1.0)
 TABLE1_SEVERITY = 4
 SWEEP_RATIOS = (0.0, 1.0)
 SEVERITIES = (1, 2, 3, 4)
-BUDGETS = ("quick", "paper")
+BUDGETS = ("quick", "hour", "paper")
 SWEEP_METHODS = ("dm",)
 
 

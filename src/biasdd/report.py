@@ -60,6 +60,7 @@ SPLIT_TITLES = {
 }
 BUDGET_NOTES = {
     "quick": "REDUCED budget, not the study's numbers",
+    "hour": "REDUCED budget (an hour on a CPU), not the study's numbers",
     "paper": "the study's budget (docs/protocol.md)",
 }
 WORKSPACE = "workspace"

@@ -21,7 +21,7 @@ from biasdd.errors import ConfigError
 from biasdd.lease import lease_device
 from biasdd.nets import NETWORKS, build_network
 
-BUDGETS = ("quick", "paper")
+BUDGETS = ("quick", "hour", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -65,7 +65,7 @@ class RunKeys(Config):
 
     dataset: Literal["cmnist", "ccifar10"]
     seed: NonNegativeInt
-    budget: Literal["quick", "paper"]
+    budget: Literal["quick", "hour", "paper"]
     device: str
 
     def check(self, where: str) -> None:
