@@ -64,7 +64,7 @@ def _paths(entries: list) -> list[str]:
 
 
 def _script(definition: dict) -> Path:
-    match = re.match(r"python (stages/\w+\.py)", definition["cmd"])
+    match = re.match(r"PYTHONPATH=src python (stages/\w+\.py)", definition["cmd"])
     assert match, definition["cmd"]
     return REPO / match.group(1)
 

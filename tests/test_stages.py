@@ -19,7 +19,7 @@ from biasdd import distillation, evaluate, io
 from biasdd.config import compose_params, load_params
 from biasdd.distill import METHODS
 
-from .tiny import REPO, tiny_params
+from .tiny import REPO, make_repo, run, tiny_params
 
 
 def _params(tmp_path: Path, edit=None) -> Path:
@@ -220,6 +220,17 @@ def test_unknown_method_and_augment_name_the_valid_ones():
         bad = load_params(REPO / "params.yaml")
         bad["evaluate"]["synthetic"]["schedule"]["cmnist"]["dm"]["augment"] = "mixup"
         evaluate.configure({**bad, "device": "cpu"}, "dm")
+
+
+def test_stages_run_the_code_of_their_own_checkout(tmp_path):
+    """A queued experiment runs in a copy of the repository: its stages must import that copy's
+    src/ (the code their deps hash), not the installed biasdd, which may be another checkout's."""
+    repo = make_repo(tmp_path)
+    init = repo / "src" / "biasdd" / "__init__.py"
+    marker = "\nimport sys\nprint('biasdd imported from', __file__, file=sys.stderr)\n"
+    init.write_text(init.read_text() + marker)
+    output = run(repo, "dvc", "repro", "download")
+    assert f"biasdd imported from {init}" in output
 
 
 def test_params_yaml_is_composed_from_conf():

@@ -48,7 +48,7 @@ TINY: dict[str, Any] = {
             "schedule": {
                 dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm")}
                 for dataset in ("cmnist", "ccifar10")
-            }
+            },
         },
         "full": {"repeats": 2, "epochs": 2, "lr_milestones": [1], "limit_train": 200},
     },

@@ -106,39 +106,9 @@ class Method:
     matcher: Callable[[Any, Context], Matcher]  # (config, context) -> Matcher
     uses_dsa: bool  # real and synthetic batches get siamese DSA when a DSAConfig is given
 
-    def __call__(
-        self,
-        real_images: Tensor,
-        real_labels: Tensor,
-        num_classes: int,
-        cfg: DistillConfig,
-        net_factory: Callable[[torch.Generator], nn.Module],
-        generator: torch.Generator,
-        dsa: DSAConfig | None = None,
-        compute: ComputeConfig = FP32,
-        resume: Mapping[str, Any] | None = None,
-        on_checkpoint: Callable[[dict], None] | None = None,
-        checkpoint_every: int = 0,
-        progress: bool = True,
-        debias: DebiasTargets | None = None,
-    ) -> DistillResult:
-        """Distil with this method; see `distill`."""
-        return distill(
-            self,
-            real_images,
-            real_labels,
-            num_classes,
-            cfg,
-            net_factory,
-            generator,
-            dsa=dsa,
-            compute=compute,
-            resume=resume,
-            on_checkpoint=on_checkpoint,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-            debias=debias,
-        )
+    def __call__(self, *args: Any, **kwargs: Any) -> DistillResult:
+        """Distil with this method: `distill(method, ...)` with the same arguments."""
+        return distill(self, *args, **kwargs)
 
 
 def distill(
