@@ -233,6 +233,15 @@ def test_grid_cells_and_dry_run(capsys):
 
 
 @pytest.mark.slow
+def test_dvc_subprocesses_find_this_environments_tools(monkeypatch, tmp_path):
+    """From an un-activated venv, `dvc queue start` spawned its worker as `dvc` from PATH, found none
+    and left the queue without a worker: grid's subprocesses put this environment's bin first."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = grid._run(["sh", "-c", "command -v dvc; command -v python"], tmp_path).stdout.split()
+    bin_dir = Path(sys.executable).parent
+    assert found == [str(bin_dir / "dvc"), str(bin_dir / "python")]
+
+
 def test_queue_run_and_report_tiny(tmp_path):
     """Two real DM-only experiments (Table 2 cells) through DVC's queue, then the report (~2-3 min)."""
     repo = make_repo(tmp_path)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasdd.report import dvc_executable
+from biasdd.report import dvc_executable, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def grid_cells(
 def _run(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
     if cmd and cmd[0] == "dvc":
         cmd = [dvc_executable(), *cmd[1:]]
-    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False, env=tool_environment())
 
 
 def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:

@@ -35,6 +35,7 @@ import dataclasses
 import io as _io
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -95,6 +96,14 @@ def dvc_executable() -> str:
     """`dvc` from this interpreter's environment when it is there (an un-activated venv), else PATH's."""
     beside = Path(sys.executable).parent / "dvc"
     return str(beside) if beside.exists() else "dvc"
+
+
+def tool_environment() -> dict[str, str]:
+    """The environment for `dvc` subprocesses: this interpreter's bin folder first on PATH, because
+    DVC starts its queue workers as `dvc` from PATH and the stages call `python`; from an un-activated
+    venv they would otherwise find another installation, or none (the worker then never starts)."""
+    path = os.environ.get("PATH", "")
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{path}"}
 
 
 def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
