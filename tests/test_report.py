@@ -44,7 +44,12 @@ def _all(acc: float, names=None) -> dict:
 def _row(
     rev: str, name: str | None, timestamp: str | None, metrics: dict, params: dict | None = None, **point
 ) -> dict:
-    params = {**POINT, **point, "evaluate": {"repeats": 2}, **(params or {})}
+    params = {
+        **POINT,
+        **point,
+        "evaluate": {"synthetic": {"repeats": 2}, "full": {"repeats": 2}},
+        **(params or {}),
+    }
     return {
         "rev": rev,
         "name": name,
@@ -112,6 +117,19 @@ def test_partial_grid_blanks_and_study_layout(tmp_path):
     png = (tmp_path / "quick/curves_cmnist.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "quick/curves_ccifar10.png").exists()
+
+
+def test_cells_count_their_own_networks():
+    """Each row's spread is over its own evaluation networks (evaluate.synthetic.repeats for the
+    methods, evaluate.full.repeats for the full set); one network shows no ± 0.00."""
+    evaluate = {"synthetic": {"repeats": 3}, "full": {"repeats": 1}}
+    cells = report.cells_from_row(
+        _row("b" * 40, "e1", "2026-01-02T10:00:00", _all(0.5), {"evaluate": evaluate})
+    )
+    by_name = {c.method: c for c in cells if c.split == "test_conflicting"}
+    assert by_name["dm"].n_repeats == 3 and by_name["full"].n_repeats == 1
+    assert report._fmt_cell(by_name["dm"], "±") == "52.00 ± 1.00"
+    assert report._fmt_cell(by_name["full"], "±") == "53.00 (n=1)"
 
 
 def test_table2_from_dm_only_experiments(tmp_path):

@@ -183,7 +183,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
         if metrics:
             log.warning("%s: params lack %s; skipped", source, [k for k, v in point.items() if v is None])
         return []
-    repeats = (params.get("evaluate") or {}).get("repeats")
+    evaluate = params.get("evaluate") or {}
     cells = []
     for path in sorted(metrics):
         found = _metric_path(path)
@@ -192,6 +192,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
             continue
         split, name = found
         mean, std = _num(values.get("acc")), _num(values.get("acc_sd"))
+        repeats = (evaluate.get("full" if name == "full" else "synthetic") or {}).get("repeats")
         if mean is None:
             continue
         cells.append(
@@ -245,6 +246,9 @@ def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
 # --- tables ------------------------------------------------------------------------------------------
 
 
+SPREAD = "mean ± std over the evaluation networks, (n=1) where one network was trained"
+
+
 def _fmt_ratio(ratio: float) -> str:
     return f"{ratio:g}"
 
@@ -252,6 +256,8 @@ def _fmt_ratio(ratio: float) -> str:
 def _fmt_cell(cell: Cell | None, plus_minus: str) -> str:
     if cell is None:
         return ""
+    if cell.n_repeats == 1:  # one network: no spread to show
+        return f"{100 * cell.mean:.2f} (n=1)"
     return f"{100 * cell.mean:.2f} {plus_minus} {100 * cell.std:.2f}"
 
 
@@ -315,7 +321,7 @@ def table1(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
         for method in (*METHODS, "full")
     ]
     title = (
-        f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, mean ± std over repeats; "
+        f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; "
         f"severity {TABLE1_SEVERITY}; {_budget_title(budget)}"
     )
     return Table(f"table1_{split}", title, "method", columns, rows)
@@ -332,7 +338,7 @@ def table2(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
         for ratio in TABLE2_RATIOS
     ]
     title = (
-        f"Table 2: DM, top-1 accuracy (%) on the {SPLIT_TITLES[split]}, mean ± std over repeats, "
+        f"Table 2: DM, top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}, "
         f"by bias severity; {_budget_title(budget)}"
     )
     return Table(
