@@ -38,7 +38,7 @@ import pytest
 
 from biasdd import cluster, grid, report
 
-from .test_sharing import ACCESS_KEY, BUCKET, SECRET_KEY, _free_ports, _make_bucket, _stop, _weed
+from .test_sharing import ACCESS_KEY, BUCKET, SECRET_KEY, _free_ports, seaweedfs
 from .tiny import make_repo, tiny
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
@@ -242,25 +242,8 @@ def ray_cluster() -> Iterator[RayCluster]:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     """SeaweedFS on 127.0.0.1, for the whole module (tests/test_sharing.py starts one per test)."""
-    folder = tmp_path_factory.mktemp("seaweedfs")
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics = _free_ports(9)
-    cmd = [
-        _weed(), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=32",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=64",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-metricsPort={metrics}",
-    ]  # fmt: skip
-    log = (folder / "seaweedfs.log").open("wb")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        _make_bucket(endpoint, folder)  # retries until the gateway, filer and volumes take writes
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
         yield endpoint
-    finally:
-        _stop(process)
-        log.close()
 
 
 def _tiny_dm16(budget: dict) -> None:

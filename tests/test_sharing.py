@@ -7,6 +7,7 @@ stages are enough (`download`, `bias_inject`: a few seconds on the tiny config);
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -67,47 +68,55 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-@pytest.fixture
-def seaweedfs_s3(tmp_path) -> Iterator[str]:
-    """A SeaweedFS server (master, volume, filer, S3 gateway) on 127.0.0.1; yields the S3 endpoint URL."""
+@contextlib.contextmanager
+def seaweedfs(folder: Path) -> Iterator[str]:
+    """A SeaweedFS server (master, volume, filer, S3 gateway) on 127.0.0.1, its data and log in `folder`;
+    yields the S3 endpoint URL once the bucket takes writes, and stops the server by its PID."""
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, metrics = _free_ports(9)
-    data = tmp_path / "seaweedfs"
-    data.mkdir()
     cmd = [
-        _weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        _weed(), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=32",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=64",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-metricsPort={metrics}",
     ]  # fmt: skip
-    log = (tmp_path / "seaweedfs.log").open("wb")
+    log = (folder / "seaweedfs.log").open("wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{s3}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                pytest.fail(f"weed server exited with {process.returncode}:\n{_tail(tmp_path)}")
+                pytest.fail(f"weed server exited with {process.returncode}:\n{_tail(folder)}")
             try:
                 urllib.request.urlopen(endpoint, timeout=2).close()
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"SeaweedFS S3 gateway did not answer on {endpoint}:\n{_tail(tmp_path)}")
+                    pytest.fail(f"SeaweedFS S3 gateway did not answer on {endpoint}:\n{_tail(folder)}")
                 time.sleep(0.5)
-        _make_bucket(endpoint, tmp_path)
+        _make_bucket(endpoint, folder)
         yield endpoint
     finally:
         _stop(process)
         log.close()
 
 
-def _tail(tmp_path: Path) -> str:
-    return (tmp_path / "seaweedfs.log").read_text(errors="replace")[-3000:]
+@pytest.fixture
+def seaweedfs_s3(tmp_path) -> Iterator[str]:
+    """SeaweedFS on 127.0.0.1 for one test; yields the S3 endpoint URL."""
+    folder = tmp_path / "seaweedfs"
+    folder.mkdir()
+    with seaweedfs(folder) as endpoint:
+        yield endpoint
 
 
-def _make_bucket(endpoint: str, tmp_path: Path) -> None:
+def _tail(folder: Path) -> str:
+    return (folder / "seaweedfs.log").read_text(errors="replace")[-3000:]
+
+
+def _make_bucket(endpoint: str, folder: Path) -> None:
     import s3fs  # a dependency of dvc-s3
 
     fs = s3fs.S3FileSystem(
@@ -123,7 +132,7 @@ def _make_bucket(endpoint: str, tmp_path: Path) -> None:
             return
         except Exception as error:  # noqa: BLE001 - any failure here means "not ready yet"
             if time.monotonic() > deadline:
-                pytest.fail(f"could not create bucket {BUCKET}: {error}\n{_tail(tmp_path)}")
+                pytest.fail(f"could not create bucket {BUCKET}: {error}\n{_tail(folder)}")
             time.sleep(1)
 
 
