@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -59,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from biasdd.grid import BIAS_RATIOS, BUDGETS, DATASETS, GridCell, grid_cells
-from biasdd.report import CLUSTER_STATUS, dvc_executable
+from biasdd.report import CLUSTER_STATUS, dvc_executable, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +190,7 @@ class _CellRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "log").mkdir(exist_ok=True)
         self.log_path = self.dir / "log" / f"attempt-{attempt or 0}.log"
-        self.env = dict(os.environ)
-        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env = tool_environment()  # this environment's `dvc` and `python` first on PATH
         paths = [str(self.repo / "src"), *filter(None, [self.env.get("PYTHONPATH")])]
         self.env["PYTHONPATH"] = os.pathsep.join(paths)  # the base commit's code, not the installed one
         self.lock_fd: int | None = None
