@@ -431,7 +431,8 @@ def test_grid_on_ray_survives_a_killed_worker_and_matches_the_local_queue(first_
     assert grid.queue(CELLS, local) == 0
     env = _environment()
     env["OMP_NUM_THREADS"] = "1"  # as Ray gives a task of one CPU: the same float arithmetic
-    _run(local, "dvc", "queue", "start", "-j", "2", env=env)
+    started = grid.start_queue(local, 2, env=env)
+    assert started.returncode == 0, started.stdout
     counts = grid.wait(local, poll_s=3, timeout_s=400)
     assert counts == {"Success": 3}, _run(local, "dvc", "queue", "logs", CELLS[0].name)
     _run(local, "dvc", "queue", "stop")

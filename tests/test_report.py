@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +250,27 @@ def test_grid_cells_and_dry_run(capsys):
     ]
     with pytest.raises(ValueError, match="valid are"):
         grid.grid_cells(ratios=[1.5])
+
+
+def test_start_queue_returns_while_the_workers_run(monkeypatch, tmp_path):
+    """`dvc queue start` exits at once but leaves workers that inherit its stdout; read through a pipe,
+    its output only ended with the last worker, so starting the queue waited for the whole queue (CI:
+    "timed out after 300 seconds"). The stand-in dvc below leaves such a worker behind."""
+    fake = tmp_path / "dvc"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'sleep 120 &\necho $! > "$(dirname "$0")/worker.pid"\n'
+        "echo \"Started '2' new experiments task queue workers.\"\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(grid, "dvc_executable", lambda: str(fake))
+    result = grid.start_queue(tmp_path, 2)
+    worker = int((tmp_path / "worker.pid").read_text())
+    try:
+        assert Path(f"/proc/{worker}").exists()  # returned while the worker still runs
+        assert result.returncode == 0 and "Started '2' new" in result.stdout
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.slow

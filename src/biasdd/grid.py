@@ -29,6 +29,7 @@ import json
 import logging
 import shlex
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,23 @@ def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
     return failed
 
 
+def start_queue(repo: Path, jobs: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`dvc queue start -j <jobs>`; returns as soon as dvc does, with its output.
+
+    The queue's workers are daemons that inherit dvc's stdout and stderr: read through pipes, the output
+    would only end when the last worker exits (after the whole queue has run). A file has no end to wait
+    for, so the output goes to one and is read back when dvc itself exits.
+    """
+    cmd = [dvc_executable(), "queue", "start", "-j", str(jobs)]
+    with tempfile.TemporaryFile("w+") as out:
+        result = subprocess.run(
+            cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT, text=True, check=False,
+            env=env or tool_environment(),
+        )
+        out.seek(0)
+        return subprocess.CompletedProcess(cmd, result.returncode, out.read(), "")
+
+
 def queue_counts(repo: Path) -> dict[str, int]:
     """Experiments per queue state (Queued, Running, Success, Failed, ...) from `dvc queue status`."""
     result = _run(["dvc", "queue", "status"], repo)
@@ -201,16 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget)
     failed = queue(cells, args.repo, dry_run=args.dry_run)
-    start = ["dvc", "queue", "start", "-j", str(args.jobs)]
+    start_cmd = ["dvc", "queue", "start", "-j", str(args.jobs)]
     if args.dry_run:
         if args.start:
-            print(shlex.join(start))
+            print(shlex.join(start_cmd))
         return 0
     log.info("queued %d of %d experiments", len(cells) - failed, len(cells))
     if args.start:
-        result = _run(start, args.repo)
+        result = start_queue(args.repo, args.jobs)
         if result.returncode != 0:
-            log.error("%s failed:\n%s", shlex.join(start), result.stderr)
+            log.error("%s failed:\n%s", shlex.join(start_cmd), result.stdout)
             return 1
         log.info("%s", result.stdout.strip())
         print("started; watch with `dvc queue status`, then `biasdd-report`")
