@@ -141,7 +141,12 @@ def start_queue(repo: Path, jobs: int, env: dict[str, str] | None = None) -> sub
     cmd = [dvc_executable(), "queue", "start", "-j", str(jobs)]
     with tempfile.TemporaryFile("w+") as out:
         result = subprocess.run(
-            cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT, text=True, check=False,
+            cmd,
+            cwd=repo,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
             env=env or tool_environment(),
         )
         out.seek(0)
