@@ -5,10 +5,11 @@ evaluate, print accuracies and times as one JSON line. What the quick budget was
     python benchmarks/budget_probe.py --data data/biased.h5 --method full --full-epochs 3 --full-milestones ""
 
 `--data`: a biased.h5 (e.g. `dvc exp run -S bias_ratio=0.1 bias_inject`, then copy data/biased.h5). The
-method's settings start from the quick budget's shape (IPC 10, batch_real 64, DC/DSA loops 10/50, real
-init, DM lr_img 1, DC/DSA 0.1) and `--cfg` overrides any of them; evaluation is `--repeats` networks of
-ConvNet-3 width 32 trained `--epochs` epochs (lr decay at half) with the method's augmentation (DSA for
-DSA/DM, DC's for DC), bf16 and torch.compile on the CPU. Cost: seconds (DM) to minutes (DC/DSA).
+method's settings start from the quick budget's first design (IPC 10, batch_real 64, DC/DSA 10 outer
+iterations of loops 10/50, DM 300 iterations, real init, DM lr_img 1, DC/DSA 0.1) and `--cfg`
+overrides any of them; evaluation is `--repeats` networks of ConvNet-3 width 32 trained `--epochs`
+epochs (lr decay at half) with the method's augmentation (DSA for DSA/DM, DC's for DC), bf16 and
+torch.compile on the CPU. Cost: seconds (DM) to minutes (DC/DSA).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main() -> None:
         cfg = TrainConfig(a.full_epochs, 0.01, 0.9, 5e-4, 256, tuple(milestones), 0.1)
         augment = None
     else:
-        values = dict(ipc=10, iterations=200, lr_img=1.0 if a.method == "dm" else 0.1, momentum_img=0.5)
+        values = dict(ipc=10, iterations=300 if a.method == "dm" else 10, momentum_img=0.5)
+        values.update(lr_img=1.0 if a.method == "dm" else 0.1)
         values.update(batch_real=64, init="real")
         if a.method != "dm":
             values.update(outer_loop=10, inner_loop=50, lr_net=0.01, batch_train=256)
