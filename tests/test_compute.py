@@ -119,7 +119,7 @@ def test_compiled_passes_match_eager():
         runner._embed.compiled is not None
         and max(runner._embed.seen.values()) > compute.Compiled.COMPILE_AFTER
     )
-    assert abs(float(loss) - eager_loss) / eager_loss < 1e-4
+    assert abs(loss.item() - eager_loss) / eager_loss < 1e-4
     assert _cosine(grad, eager_grad) > 0.9999
 
 
