@@ -263,7 +263,7 @@ def test_start_queue_returns_while_the_workers_run(monkeypatch, tmp_path):
         "echo \"Started '2' new experiments task queue workers.\"\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(grid, "dvc_executable", lambda: str(fake))
+    monkeypatch.setattr(report, "dvc_executable", lambda: str(fake))
     result = grid.start_queue(tmp_path, 2)
     worker = int((tmp_path / "worker.pid").read_text())
     try:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from biasdd.grid import BIAS_RATIOS, BUDGETS, DATASETS, GridCell, grid_cells
-from biasdd.report import CLUSTER_STATUS, dvc_executable, tool_environment
+from biasdd.report import CLUSTER_STATUS, tool_command, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ def worker_command(cell: GridCell, cpu: bool = False) -> list[str]:
     return command
 
 
-def _tool(command: Sequence[str]) -> list[str]:
-    return [dvc_executable(), *command[1:]] if command[0] == "dvc" else list(command)
-
-
 def _git(repo: Path, *args: str) -> str:
     """Run git in `repo` for the driver; a failure is an error that shows git's message."""
     result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
@@ -147,7 +143,9 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    result = subprocess.run(_tool(["dvc", *args]), cwd=repo, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        tool_command(["dvc", *args]), cwd=repo, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
     return result.stdout
@@ -216,7 +214,7 @@ class _CellRun:
             out.flush()
             start = time.monotonic()
             result = subprocess.run(
-                _tool(command),
+                tool_command(command),
                 cwd=cwd or self.repo,
                 env=self.env,
                 stdout=out,

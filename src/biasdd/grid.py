@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasdd.report import dvc_executable, tool_environment
+from biasdd.report import tool_command, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ def grid_cells(
 
 
 def _run(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
-    if cmd and cmd[0] == "dvc":
-        cmd = [dvc_executable(), *cmd[1:]]
-    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False, env=tool_environment())
+    return subprocess.run(
+        tool_command(cmd), cwd=repo, capture_output=True, text=True, check=False, env=tool_environment()
+    )
 
 
 def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
@@ -131,6 +131,11 @@ def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
     return failed
 
 
+def start_command(jobs: int) -> list[str]:
+    """The command that starts the queue's workers, `jobs` experiments at a time."""
+    return ["dvc", "queue", "start", "-j", str(jobs)]
+
+
 def start_queue(repo: Path, jobs: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`dvc queue start -j <jobs>`; returns as soon as dvc does, with its output.
 
@@ -138,7 +143,7 @@ def start_queue(repo: Path, jobs: int, env: dict[str, str] | None = None) -> sub
     would only end when the last worker exits (after the whole queue has run). A file has no end to wait
     for, so the output goes to one and is read back when dvc itself exits.
     """
-    cmd = [dvc_executable(), "queue", "start", "-j", str(jobs)]
+    cmd = tool_command(start_command(jobs))
     with tempfile.TemporaryFile("w+") as out:
         result = subprocess.run(
             cmd,
@@ -224,16 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget)
     failed = queue(cells, args.repo, dry_run=args.dry_run)
-    start_cmd = ["dvc", "queue", "start", "-j", str(args.jobs)]
     if args.dry_run:
         if args.start:
-            print(shlex.join(start_cmd))
+            print(shlex.join(start_command(args.jobs)))
         return 0
     log.info("queued %d of %d experiments", len(cells) - failed, len(cells))
     if args.start:
         result = start_queue(args.repo, args.jobs)
         if result.returncode != 0:
-            log.error("%s failed:\n%s", shlex.join(start_cmd), result.stdout)
+            log.error("%s failed:\n%s", shlex.join(start_command(args.jobs)), result.stdout)
             return 1
         log.info("%s", result.stdout.strip())
         print("started; watch with `dvc queue status`, then `biasdd-report`")

@@ -98,6 +98,11 @@ def dvc_executable() -> str:
     return str(beside) if beside.exists() else "dvc"
 
 
+def tool_command(command: Sequence[str]) -> list[str]:
+    """`command` with a leading `dvc` replaced by `dvc_executable()` (other commands as they are)."""
+    return [dvc_executable(), *command[1:]] if command and command[0] == "dvc" else list(command)
+
+
 def tool_environment() -> dict[str, str]:
     """The environment for `dvc` subprocesses: this interpreter's bin folder first on PATH, because
     DVC starts its queue workers as `dvc` from PATH and the stages call `python`; from an un-activated
@@ -111,9 +116,7 @@ def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]
     cmd = ["dvc", "exp", "show", "--json"]
     if all_commits:
         cmd.append("--all-commits")
-    result = subprocess.run(
-        [dvc_executable(), *cmd[1:]], cwd=repo, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(tool_command(cmd), cwd=repo, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
     return json.loads(result.stdout)
