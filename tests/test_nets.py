@@ -84,7 +84,8 @@ def test_convnet_first_block_uses_it_and_state_dicts_stay_conv2d() -> None:
     net = build_network("convnet3", 3, 10, 28, 8, generator=torch.Generator().manual_seed(0))
     assert isinstance(net, ConvNet)
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
-    assert isinstance(convs[0], PatchGradConv2d) and not any(isinstance(c, PatchGradConv2d) for c in convs[1:])
+    assert isinstance(convs[0], PatchGradConv2d)
+    assert not any(isinstance(c, PatchGradConv2d) for c in convs[1:])
     plain = copy.deepcopy(net)
     plain.features[0].__class__ = nn.Conv2d
     plain.load_state_dict(net.state_dict())

@@ -52,8 +52,8 @@ class _PatchGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             n, out_channels, height, width = grad_out.shape
             patches = F.unfold(x_low, weight.shape[-1], padding=ctx.padding)  # (N, in*k*k, H*W)
-            grad_weight = torch.bmm(grad_out.reshape(n, out_channels, height * width), patches.transpose(1, 2))
-            grad_weight = grad_weight.sum(0).view_as(weight).to(weight.dtype)
+            per_image = torch.bmm(grad_out.reshape(n, out_channels, height * width), patches.transpose(1, 2))
+            grad_weight = per_image.sum(0).view_as(weight).to(weight.dtype)  # (out, in, k, k)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)).to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None
@@ -65,9 +65,9 @@ class PatchGradConv2d(nn.Conv2d):
 
     Why: with 3 input channels oneDNN's weight gradient runs at a fraction of its speed on wider layers
     (a 2-core CPU, ConvNet-3 width 32, 100 images in bf16: 6.1 of a 19 ms training step); the matmul
-    form made the compiled step ~16% faster (benchmarks/RESULTS.md). Accelerators, and inputs that need
-    their own gradient (the synthetic images of DC and DM, whose matching differentiates through this
-    layer twice), keep the native convolution. Parameters and state dict are `nn.Conv2d`'s.
+    form made the compiled step ~18% faster (benchmarks/RESULTS.md). Accelerators, and inputs that need
+    their own gradient (the synthetic images of DC and DM; DC's matching differentiates through that
+    gradient again), keep the native convolution. Parameters and state dict are `nn.Conv2d`'s.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int) -> None:
