@@ -9,7 +9,7 @@
     biasdd-report                        # Table 1, Table 2 and curves (biasdd.report)
 
 Cost: queueing is ~1 s per experiment; each experiment is a whole `dvc repro` in its own temporary
-copy of the repository (quick budget, 2-core CPU: about 7.5 min for CMNIST; `paper` needs a GPU for hours).
+copy of the repository (quick budget, 2-core CPU: about 6 min for CMNIST; `paper` needs a GPU for hours).
 With `device: auto` each experiment's stages lease a GPU of their own, so `-j <number of GPUs>` runs one
 experiment per card (more would wait for a free card). Beyond one machine: `biasdd-cluster` (Ray).
 
