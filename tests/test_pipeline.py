@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from biasdd import io
+from biasdd import io, report
 from biasdd.distill import METHODS
 
 from .tiny import make_repo, run
@@ -91,6 +91,7 @@ def test_whole_pipeline_tiny(tmp_path):
     assert widest <= 130, f"`dvc metrics show` is {widest} columns wide"
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again
+    assert report.workspace_is_current(repo)  # `dvc status --json` of a reproduced workspace: {}
 
 
 @pytest.mark.slow

@@ -194,6 +194,42 @@ def test_workspace_counts_as_newest():
     assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting")].source == "workspace"
 
 
+def test_stale_workspace_is_left_out(monkeypatch, tmp_path):
+    """Regression: params edited (DC's learning rate), an experiment run but not applied: the workspace's
+    params.yaml named the same point as the experiment, its metrics were the old run's, and as the
+    newest row they filled the cell. With `dvc status` out of date the workspace is not reported."""
+    exp = _row("e" * 40, "cmnist-rho0.95-sev4-quick", "2026-01-02T00:00:00", _all(0.2))
+    stale = _row("workspace", None, None, _all(0.6))
+    shown = _exp_show(exp, workspace=stale)
+    monkeypatch.setattr(report, "exp_show_json", lambda repo, all_commits=False: shown)
+    experiment = "cmnist-rho0.95-sev4-quick (eeeeeee)"
+    for current, source, mean in ((True, "workspace", 0.6), (False, experiment, 0.2)):
+        monkeypatch.setattr(report, "workspace_is_current", lambda repo, current=current: current)
+        out = tmp_path / str(current)
+        assert report.main(["--out", str(out), "--repo", str(tmp_path)]) == 0
+        cells = {(r[4], r[5]): r for r in csv.reader(io.StringIO((out / "quick/cells.csv").read_text()))}
+        assert cells[("dc", "test_conflicting")][-1] == source
+        assert float(cells[("dc", "test_conflicting")][6]) == pytest.approx(mean)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "current"),
+    [(0, "{}", True), (0, '{"distill@dc": [{"changed deps": {"params.yaml": "modified"}}]}', False),
+     (1, "", True), (0, "not json", True)],
+)  # fmt: skip
+def test_workspace_is_current_reads_dvc_status(monkeypatch, tmp_path, returncode, stdout, current):
+    """{} = up to date; stages listed = stale; a failed or unreadable status keeps the workspace."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    assert report.workspace_is_current(tmp_path) is current
+    assert calls[0][1:] == ["status", "--json"]
+
+
 def test_one_table_per_budget(tmp_path):
     paper = _row("d" * 40, "cmnist-rho0.95-sev4-paper", "2026-01-03T00:00:00", _all(0.7), budget="paper")
     written = report.write_report(_exp_show(paper), tmp_path)
@@ -295,6 +331,7 @@ def test_queue_run_and_report_tiny(tmp_path):
     counts = grid.wait(repo, poll_s=5, timeout_s=600)
     assert counts == {"Success": 2}, run(repo, "dvc", "queue", "logs", cells[0].name)
     run(repo, "dvc", "queue", "stop")  # workers exit on an empty queue; make sure
+    assert not report.workspace_is_current(repo)  # the workspace itself never ran: `dvc status` lists stages
     written = report.write_report(report.exp_show_json(repo), tmp_path / "reports")
     assert list(written) == ["quick"]
     table2 = _csv(tmp_path / "reports/quick/table2_test_conflicting.csv")

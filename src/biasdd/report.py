@@ -8,7 +8,9 @@ running or failed ones have no metrics yet and are skipped) contributes the metr
 `metrics/<split>/<name>.json` (name = full, dc, dsa, dm) it declares. A cell of the study's grid is keyed
 by (budget, dataset, bias ratio, severity, method, split), the point read from the row's params (the
 values DVC composed for that run). When two rows fill the same cell the newest wins (the workspace
-counts as newest) and a log line says so.
+counts as newest) and a log line says so. The workspace is left out when `dvc status` says a stage is
+out of date: its params.yaml then names a point its metrics files were not made from (params edited,
+or `dvc exp run` results not applied), so they would fill the cell with stale numbers.
 
 Outputs, one folder per budget found, `<out>/<budget>/`:
 
@@ -120,6 +122,27 @@ def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
     return json.loads(result.stdout)
+
+
+def workspace_is_current(repo: Path) -> bool:
+    """Does `dvc status` in `repo` find every stage up to date (so the workspace's metrics belong to its
+    params)? True when the status cannot be read (the report then keeps the workspace, and says so)."""
+    cmd = tool_command(["dvc", "status", "--json"])
+    env = tool_environment()
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False, env=env)
+    try:
+        changed = json.loads(result.stdout) if result.returncode == 0 else None
+    except json.JSONDecodeError:
+        changed = None
+    if changed is None:
+        log.warning("`dvc status` failed in %s; the workspace's metrics are reported as they are", repo)
+        return True
+    return not changed
+
+
+def without_workspace(exp_show: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`exp_show` less its workspace row (experiments hang under the baseline rows and stay)."""
+    return [row for row in exp_show if row.get("rev") != WORKSPACE]
 
 
 def iter_rows(exp_show: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -486,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp_show = json.loads(args.exp_show_json.read_text())
     else:
         exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
+        if not workspace_is_current(args.repo):
+            log.info("workspace: not reported (`dvc status`: out of date; metrics may not match params)")
+            exp_show = without_workspace(exp_show)
     failed = read_failed_cells(args.repo / CLUSTER_STATUS)
     for record in failed:
         log.warning("%s failed on the cluster: %s", record.get("name"), record.get("error"))
