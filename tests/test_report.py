@@ -200,12 +200,17 @@ def test_stale_workspace_is_left_out(monkeypatch, tmp_path):
     newest row they filled the cell. With `dvc status` out of date the workspace is not reported."""
     exp = _row("e" * 40, "cmnist-rho0.95-sev4-quick", "2026-01-02T00:00:00", _all(0.2))
     stale = _row("workspace", None, None, _all(0.6))
-    shown = _exp_show(exp, workspace=stale)
-    monkeypatch.setattr(report, "exp_show_json", lambda repo, all_commits=False: shown)
+    shown = json.dumps(_exp_show(exp, workspace=stale))
     experiment = "cmnist-rho0.95-sev4-quick (eeeeeee)"
-    for current, source, mean in ((True, "workspace", 0.6), (False, experiment, 0.2)):
-        monkeypatch.setattr(report, "workspace_is_current", lambda repo, current=current: current)
-        out = tmp_path / str(current)
+    up_to_date, stale_status = "{}", '{"distill@dc": [{"changed deps": {"params.yaml": "modified"}}]}'
+    for status, source, mean in ((up_to_date, "workspace", 0.6), (stale_status, experiment, 0.2)):
+
+        def fake_tool(cmd, repo, status=status):
+            stdout = status if cmd[1] == "status" else shown
+            return subprocess.CompletedProcess(cmd, 0, stdout=stdout, stderr="")
+
+        monkeypatch.setattr(report, "run_tool", fake_tool)
+        out = tmp_path / str(status == up_to_date)
         assert report.main(["--out", str(out), "--repo", str(tmp_path)]) == 0
         cells = {(r[4], r[5]): r for r in csv.reader(io.StringIO((out / "quick/cells.csv").read_text()))}
         assert cells[("dc", "test_conflicting")][-1] == source
@@ -314,7 +319,7 @@ def test_dvc_subprocesses_find_this_environments_tools(monkeypatch, tmp_path):
     """From an un-activated venv, `dvc queue start` spawned its worker as `dvc` from PATH, found none
     and left the queue without a worker: grid's subprocesses put this environment's bin first."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    found = grid._run(["sh", "-c", "command -v dvc; command -v python"], tmp_path).stdout.split()
+    found = report.run_tool(["sh", "-c", "command -v dvc; command -v python"], tmp_path).stdout.split()
     bin_dir = Path(sys.executable).parent
     assert found == [str(bin_dir / "dvc"), str(bin_dir / "python")]
 

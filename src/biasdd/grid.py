@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasdd.report import tool_command, tool_environment
+from biasdd.report import run_tool, tool_command, tool_environment
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,6 @@ def grid_cells(
     return cells
 
 
-def _run(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        tool_command(cmd), cwd=repo, capture_output=True, text=True, check=False, env=tool_environment()
-    )
-
-
 def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
     """Queue each cell with `dvc exp run --queue`; returns the number that failed to queue."""
     failed = 0
@@ -122,7 +116,7 @@ def queue(cells: Sequence[GridCell], repo: Path, dry_run: bool = False) -> int:
         if dry_run:
             print(shlex.join(cmd))  # the CLI's dry-run output is the commands themselves
             continue
-        result = _run(cmd, repo)
+        result = run_tool(cmd, repo)
         if result.returncode != 0:
             failed += 1
             log.error("could not queue %s:\n%s", cell.name, (result.stderr or result.stdout).strip())
@@ -160,7 +154,7 @@ def start_queue(repo: Path, jobs: int, env: dict[str, str] | None = None) -> sub
 
 def queue_counts(repo: Path) -> dict[str, int]:
     """Experiments per queue state (Queued, Running, Success, Failed, ...) from `dvc queue status`."""
-    result = _run(["dvc", "queue", "status"], repo)
+    result = run_tool(["dvc", "queue", "status"], repo)
     if result.returncode != 0:
         raise RuntimeError(f"dvc queue status failed:\n{result.stderr}")
     counts: dict[str, int] = {}

@@ -113,23 +113,33 @@ def tool_environment() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{path}"}
 
 
+def run_tool(cmd: Sequence[str], repo: Path) -> subprocess.CompletedProcess:
+    """`cmd` in `repo` with this environment's tools (`tool_command`, `tool_environment`), output captured."""
+    return subprocess.run(
+        tool_command(cmd), cwd=repo, capture_output=True, text=True, check=False, env=tool_environment()
+    )
+
+
 def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
-    """Run `dvc exp show --json` in `repo` (the workspace, HEAD and its experiments)."""
+    """Run `dvc exp show --json` in `repo` (the workspace, HEAD and its experiments); the workspace row
+    only when `dvc status` finds it up to date (see the module's docstring)."""
     cmd = ["dvc", "exp", "show", "--json"]
     if all_commits:
         cmd.append("--all-commits")
-    result = subprocess.run(tool_command(cmd), cwd=repo, capture_output=True, text=True, check=False)
+    result = run_tool(cmd, repo)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
-    return json.loads(result.stdout)
+    rows = json.loads(result.stdout)
+    if workspace_is_current(repo):
+        return rows
+    log.info("workspace: not reported (`dvc status`: out of date; metrics may not match params)")
+    return without_workspace(rows)
 
 
 def workspace_is_current(repo: Path) -> bool:
     """Does `dvc status` in `repo` find every stage up to date (so the workspace's metrics belong to its
     params)? True when the status cannot be read (the report then keeps the workspace, and says so)."""
-    cmd = tool_command(["dvc", "status", "--json"])
-    env = tool_environment()
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False, env=env)
+    result = run_tool(["dvc", "status", "--json"], repo)
     try:
         changed = json.loads(result.stdout) if result.returncode == 0 else None
     except json.JSONDecodeError:
@@ -509,9 +519,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp_show = json.loads(args.exp_show_json.read_text())
     else:
         exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
-        if not workspace_is_current(args.repo):
-            log.info("workspace: not reported (`dvc status`: out of date; metrics may not match params)")
-            exp_show = without_workspace(exp_show)
     failed = read_failed_cells(args.repo / CLUSTER_STATUS)
     for record in failed:
         log.warning("%s failed on the cluster: %s", record.get("name"), record.get("error"))
