@@ -179,12 +179,27 @@ def test_debiased_experiments_stay_out_of_the_study_tables(caplog):
 def test_newest_wins_and_says_so(tmp_path, caplog):
     old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
-    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+    with caplog.at_level(logging.DEBUG, logger="biasdd.report"):
         cells = report.collect_cells(_exp_show(new, old))
     cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
     assert cell.mean == pytest.approx(0.4) and cell.source.startswith("new")
-    lines = [r.getMessage() for r in caplog.records if "taking the newest" in r.getMessage()]
-    assert len(lines) == 8 and all("new (2222222)" in line and "old (1111111)" in line for line in lines)
+    per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
+    assert len(per_cell) == 8 and all(r.levelno == logging.DEBUG for r in per_cell)
+    assert all("taking the newest, new (2222222)" in r.getMessage() for r in per_cell)
+    summary = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(summary) == 1 and summary[0].getMessage().startswith("8 cell(s) filled by more than one run")
+
+
+def test_overridden_cells_log_one_info_line(caplog):
+    """Regression: `--all-commits` logged one INFO line per overridden cell, hundreds in a real history."""
+    rows = [
+        _row(str(i) * 40, f"run{i}", f"2026-01-01T1{i}:00:00", _all(0.1 * i), bias_ratio=0.8)
+        for i in range(1, 5)
+    ]
+    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+        report.collect_cells(_exp_show(*rows))
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert caplog.records[0].getMessage().startswith("24 cell(s)")
 
 
 def test_workspace_counts_as_newest():

@@ -257,8 +257,12 @@ def _newer(a: Cell, b: Cell) -> bool:
 
 
 def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
-    """One cell per (budget, dataset, bias ratio, severity, method, split): the newest row wins."""
+    """One cell per (budget, dataset, bias ratio, severity, method, split): the newest row wins.
+
+    Each overridden cell is logged at DEBUG (`biasdd-report --verbose`); one INFO line counts those whose
+    values differed, since a repository's history (`--all-commits`) holds hundreds of them."""
     cells: dict[tuple, Cell] = {}
+    differed: list[str] = []
     for row in iter_rows(exp_show):
         for cell in cells_from_row(row):
             old = cells.get(cell.key)
@@ -268,14 +272,24 @@ def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
             winner, loser = (cell, old) if _newer(cell, old) else (old, cell)
             cells[cell.key] = winner
             same = (winner.mean, winner.std) == (loser.mean, loser.std)
-            (log.debug if same else log.info)(
+            key = "/".join(str(k) for k in cell.key)
+            if not same:
+                differed.append(key)
+            log.debug(
                 "cell %s filled by %s and %s%s; taking the newest, %s",
-                "/".join(str(k) for k in cell.key),
+                key,
                 winner.source,
                 loser.source,
                 " (same values)" if same else "",
                 winner.source,
             )
+    if differed:
+        log.info(
+            "%d cell(s) filled by more than one run with different values (e.g. %s); the newest run's "
+            "values kept in each (--verbose lists them)",
+            len(differed),
+            differed[0],
+        )
     return cells
 
 
@@ -513,8 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--exp-show-json", type=Path, help="read a saved `dvc exp show --json` output instead of running it"
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also log each cell that more than one run filled"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
     if args.exp_show_json:
         exp_show = json.loads(args.exp_show_json.read_text())
     else:
