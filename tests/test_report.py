@@ -202,6 +202,24 @@ def test_overridden_cells_log_one_info_line(caplog):
     assert caplog.records[0].getMessage().startswith("24 cell(s)")
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_verbose_lists_each_overridden_cell(tmp_path, caplog, verbose):
+    old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
+    new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
+    shown = tmp_path / "exp_show.json"
+    shown.write_text(json.dumps(_exp_show(new, old)))
+    argv = ["--exp-show-json", str(shown), "--out", str(tmp_path / "reports")] + ["--verbose"] * verbose
+    try:
+        with caplog.at_level(logging.INFO):  # the root logger at INFO, as the CLI sets it
+            caplog.handler.setLevel(logging.DEBUG)  # pass what the CLI's own handler would
+            assert report.main(argv) == 0
+    finally:
+        report.log.setLevel(logging.NOTSET)
+    per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
+    assert len(per_cell) == (8 if verbose else 0)
+    assert any(r.getMessage().startswith("8 cell(s) filled") for r in caplog.records)
+
+
 def test_workspace_counts_as_newest():
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
     workspace = _row("workspace", None, None, _all(0.6))
