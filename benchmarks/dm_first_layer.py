@@ -12,8 +12,8 @@ biasdd runs on the real images), `padN` (input and weight zero-padded to N input
 maths), `fp32` (the first convolution outside autocast), `s2d` (space-to-depth: the padded input's 2x2
 pixel blocks as 12 channels, one 2x2 convolution with 4x the output channels, one per output pixel
 phase, then `pixel_shuffle` back: the same maths with 48 instead of 27 multiplies per output and a
-4x wider GEMM). Every form here drops `PatchGradConv2d`'s own
-weight gradient, which DM never uses (its network is frozen).
+4x wider GEMM). Every form here drops `PatchGradConv2d`'s own weight gradient, which DM never uses (its
+network is frozen).
 """
 
 from __future__ import annotations
