@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,8 +78,16 @@ def _exp(row: dict, state: str = "success") -> dict:
 def _exp_show(*experiments: dict, workspace: dict | None = None, baseline: dict | None = None) -> list:
     base = baseline or _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
     base["experiments"] = [_exp(e, e.pop("_state", "success")) for e in experiments]
-    ws = workspace or _row("workspace", None, None, base["data"]["metrics"])
+    params = base["data"]["params"]["params.yaml"]["data"]
+    ws = workspace or _row("workspace", None, None, base["data"]["metrics"], params)  # HEAD's, applied
     return [ws, base]
+
+
+def _by_position(cells: dict) -> dict:
+    """`collect_cells`'s cells keyed by position alone (the rows here share their settings)."""
+    by_position = {cell.position: cell for cell in cells.values()}
+    assert len(by_position) == len(cells)
+    return by_position
 
 
 def _csv(path: Path) -> dict[str, dict[str, str]]:
@@ -180,7 +189,7 @@ def test_newest_wins_and_says_so(tmp_path, caplog):
     old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
     with caplog.at_level(logging.DEBUG, logger="biasdd.report"):
-        cells = report.collect_cells(_exp_show(new, old))
+        cells = _by_position(report.collect_cells(_exp_show(new, old)))
     cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
     assert cell.mean == pytest.approx(0.4) and cell.source.startswith("new")
     per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
@@ -223,7 +232,7 @@ def test_cli_verbose_lists_each_overridden_cell(tmp_path, caplog, verbose):
 def test_workspace_counts_as_newest():
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
     workspace = _row("workspace", None, None, _all(0.6))
-    cells = report.collect_cells(_exp_show(workspace=workspace, baseline=base))
+    cells = _by_position(report.collect_cells(_exp_show(workspace=workspace, baseline=base)))
     assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting")].source == "workspace"
 
 
@@ -282,6 +291,134 @@ def test_one_table_per_budget(tmp_path):
     assert len(cells) == 1 + 8 and all(",paper," not in c or c.startswith("paper,") for c in cells)
 
 
+DISTILL = {"repeats": 1, "checkpoint_every": 5, "dc": {"lr_img": 30.0}, "dm": {"iterations": 300}}
+
+
+def _with(**changes) -> dict:
+    """The tests' run params: `distill` as DISTILL, with `changes` (dotted keys) applied."""
+    distill = json.loads(json.dumps(DISTILL))
+    for dotted, value in changes.items():
+        *path, last = dotted.split(".")
+        node = distill
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return {"distill": distill}
+
+
+def test_runs_of_other_settings_get_their_own_tables(tmp_path, caplog):
+    """Regression: a run with three distillations per method (`-S distill.repeats=3`) at a grid point the
+    default run had filled took over its cells (newest wins), so Table 1 mixed one- and
+    three-distillation cells. Now each set of settings has its own folder; cells that do not depend on
+    the changed param (the full set does not depend on the distillation) are shared."""
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
+    three = _row("b" * 40, "three", "2026-01-02T10:00:00", _all(0.6), _with(repeats=3))
+    three_other_point = _row(
+        "c" * 40, "three-rho1", "2026-01-02T11:00:00", _all(0.1), _with(repeats=3), bias_ratio=1.0
+    )
+    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+        written = report.write_report(_exp_show(three, three_other_point, baseline=base), tmp_path)
+    assert sorted(written) == ["quick", "quick~distill.repeats=3"]
+    main = _csv(tmp_path / "quick/table1_test_conflicting.csv")
+    assert main["DC"]["CMNIST-DD rho=0.95"] == "50.00 +- 1.00"  # the default run's, not the newer run's
+    assert main["DC"]["CMNIST-DD rho=1"] == ""
+    assert main["Full set"]["CMNIST-DD rho=0.95"] == "53.00 +- 1.00"  # the same settings: the workspace's
+    variant = _csv(tmp_path / "quick~distill.repeats=3/table1_test_conflicting.csv")
+    assert variant["DC"]["CMNIST-DD rho=0.95"] == "60.00 +- 1.00"
+    assert variant["DC"]["CMNIST-DD rho=1"] == "10.00 +- 1.00"
+    assert variant["Full set"]["CMNIST-DD rho=0.95"] == "53.00 +- 1.00"  # shared with the reference
+    title = (tmp_path / "quick~distill.repeats=3/table1_test_conflicting.md").read_text().splitlines()[0]
+    assert "settings changed from quick/'s: distill.repeats=3" in title
+    settings = json.loads((tmp_path / "quick~distill.repeats=3/settings.json").read_text())
+    assert settings["changes_from_reference"] == {"distill.repeats": 3}
+    assert settings["settings"]["distill.repeats"] == 3
+    assert json.loads((tmp_path / "quick/settings.json").read_text())["settings"]["distill.repeats"] == 1
+    overridden = [r.getMessage() for r in caplog.records if "different values" in r.getMessage()]
+    assert len(overridden) == 1 and overridden[0].startswith("2 cell(s)")  # the full set's two splits only
+
+
+def test_a_method_param_changes_only_that_methods_cells(tmp_path):
+    """`-S distill.dc.lr_img=10`: DC's cells form a variant; the same run's DSA, DM and full-set cells
+    were made with the reference's settings and fill the reference's tables."""
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
+    probe = _row(
+        "b" * 40, "lr10", "2026-01-02T10:00:00", _all(0.7), _with(**{"dc.lr_img": 10.0}), bias_ratio=0.8
+    )
+    written = report.write_report(_exp_show(probe, baseline=base), tmp_path)
+    assert sorted(written) == ["quick", "quick~distill.dc.lr_img=10.0"]
+    main = _csv(tmp_path / "quick/table1_test_conflicting.csv")
+    assert main["DC"]["CMNIST-DD rho=0.8"] == ""
+    assert main["DM"]["CMNIST-DD rho=0.8"] == "72.00 +- 1.00"  # the probe's DM: the reference's settings
+    assert main["DC"]["CMNIST-DD rho=0.95"] == "50.00 +- 1.00"
+    variant = _csv(tmp_path / "quick~distill.dc.lr_img=10.0/table1_test_conflicting.csv")
+    assert variant["DC"]["CMNIST-DD rho=0.8"] == "70.00 +- 1.00"
+    assert variant["DM"]["CMNIST-DD rho=0.8"] == "72.00 +- 1.00"
+    assert variant["DC"]["CMNIST-DD rho=0.95"] == ""  # the reference's DC is not this variant's
+
+
+def test_params_that_change_no_number_make_no_variant(tmp_path):
+    """Which methods ran, the device, checkpoints, compile: one table (a DM-only run on a GPU included)."""
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
+    gpu = {**_with(checkpoint_every=50), "device": "cuda", "methods": ["dm"], "compute": {"compile": False}}
+    run = _row(
+        "b" * 40, "dm-on-gpu", "2026-01-02T10:00:00", _all(0.2, names=["dm", "full"]), gpu, bias_ratio=1.0
+    )
+    written = report.write_report(_exp_show(run, baseline=base), tmp_path)
+    assert list(written) == ["quick"]
+    assert _csv(tmp_path / "quick/table1_test_conflicting.csv")["DM"]["CMNIST-DD rho=1"] == "20.00 +- 1.00"
+
+
+def test_long_changes_get_a_short_folder_name():
+    ref = report.Variant("quick", (("distill.dc.lr_img", "30.0"),))
+    long = report.Variant("quick", (), changes=tuple((f"distill.dc.key{i}", "1") for i in range(9)))
+    assert ref.folder == "quick" and re.fullmatch(r"quick~v[0-9a-f]{8}", long.folder)
+    assert long.note().endswith("and 5 more (settings.json)")
+
+
+def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
+    """A cell's settings are exactly the params of the stages upstream of its metrics file in dvc.yaml,
+    less the grid point and report.NEUTRAL: a param added to a stage counts without anyone listing it."""
+    from .test_dag import PARAMS, STAGES
+
+    definitions = {name: definition for name, _, definition in STAGES}
+    made_by = {}
+    for name, definition in definitions.items():
+        for out in [*definition.get("outs", []), *definition.get("metrics", [])]:
+            made_by[out if isinstance(out, str) else next(iter(out))] = name
+
+    def upstream_params(stage: str) -> set[str]:
+        params, todo, seen = set(), [stage], set()
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                params |= set(definitions[name].get("params", []))
+                todo += [made_by[dep] for dep in definitions[name].get("deps", []) if dep in made_by]
+        return params
+
+    settings = report.run_settings(PARAMS)
+    assert not any(report._under(k, report.NEUTRAL) for k in settings)
+    for stage, name in [("evaluate_full", "full"), *((f"evaluate@{m}", m) for m in report.METHODS)]:
+        fed = {k for k in settings if report._under(k, upstream_params(stage))}
+        assert set(report.relevant(settings, name, PARAMS["dataset"])) == fed, stage
+
+
+def test_stale_workspace_still_names_the_reference_settings(tmp_path):
+    """The workspace's metrics are left out when stale, but its params name the repository's settings."""
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with(repeats=3))
+    stale = _row("workspace", None, None, _all(0.9), _with())
+    rows = report.without_workspace(_exp_show(workspace=stale, baseline=base))
+    written = report.write_report(rows, tmp_path)
+    assert sorted(written) == ["quick", "quick~distill.repeats=3"]
+    main = _csv(tmp_path / "quick/table1_test_conflicting.csv")  # the workspace's settings: one distillation
+    assert (
+        main["DC"]["CMNIST-DD rho=0.95"] == "" and main["Full set"]["CMNIST-DD rho=0.95"] == "53.00 +- 1.00"
+    )
+    variant = _csv(tmp_path / "quick~distill.repeats=3/table1_test_conflicting.csv")
+    assert variant["DC"]["CMNIST-DD rho=0.95"] == "50.00 +- 1.00"
+    assert rows[0]["data"]["params"] and not rows[0]["data"]["metrics"]
+
+
 def test_no_metrics_anywhere(tmp_path, caplog):
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", {})
     with caplog.at_level(logging.WARNING):
@@ -326,6 +463,31 @@ def test_grid_cells_and_dry_run(capsys):
         grid.grid_cells(ratios=[1.5])
 
 
+def test_grid_set_queues_a_variant_of_every_cell(capsys):
+    """`--set KEY=VALUE` goes to every experiment as `-S`, and into its name (names stay unique)."""
+    assert grid.main(["queue", "--datasets", "cmnist", "--ratios", "0.95", "--set", "distill.repeats=3",
+                      "--severity-sweep", "--dry-run"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "dvc exp run --queue -n cmnist-rho0.95-sev4-quick-distill.repeats-3 -S dataset=cmnist "
+        "-S bias_ratio=0.95 -S severity=4 -S budget=quick -S distill.repeats=3"
+    )
+    assert all(line.endswith("-S distill.repeats=3") for line in lines) and len(lines) == 1 + 2 * 4
+    assert len({line.split()[5] for line in lines}) == len(lines)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("distill.repeats", "valid is KEY=VALUE"), ("bias_ratio=0.5", "the grid sets dataset, bias_ratio")],
+)
+def test_grid_set_rejects_bad_overrides(capsys, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        grid.main(["queue", "--set", value, "--dry-run"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and value in err and "Traceback" not in err
+
+
 def test_start_queue_returns_while_the_workers_run(monkeypatch, tmp_path):
     """`dvc queue start` exits at once but leaves workers that inherit its stdout; read through a pipe,
     its output only ended with the last worker, so starting the queue waited for the whole queue (CI:
@@ -358,10 +520,13 @@ def test_dvc_subprocesses_find_this_environments_tools(monkeypatch, tmp_path):
 
 
 def test_queue_run_and_report_tiny(tmp_path):
-    """Two real DM-only experiments (Table 2 cells) through DVC's queue, then the report (~2-3 min)."""
+    """Two real DM-only experiments (Table 2 cells) through DVC's queue, then the report (~2-3 min). The
+    second is a variant (`biasdd-grid queue --set distill.repeats=1`; the tiny budget distils twice): its
+    DM cell is tabled on its own, its full set (no distillation in it) with the reference's too."""
     repo = make_repo(tmp_path)
     cells = [
-        grid.GridCell("cmnist", 1.0, severity, "quick", methods=grid.SWEEP_METHODS) for severity in (1, 2)
+        grid.GridCell("cmnist", 1.0, 1, "quick", methods=grid.SWEEP_METHODS),
+        grid.GridCell("cmnist", 1.0, 2, "quick", methods=grid.SWEEP_METHODS, extra=("distill.repeats=1",)),
     ]
     assert grid.queue(cells, repo) == 0
     assert grid.queue_counts(repo) == {"Queued": 2}
@@ -371,7 +536,16 @@ def test_queue_run_and_report_tiny(tmp_path):
     run(repo, "dvc", "queue", "stop")  # workers exit on an empty queue; make sure
     assert not report.workspace_is_current(repo)  # the workspace itself never ran: `dvc status` lists stages
     written = report.write_report(report.exp_show_json(repo), tmp_path / "reports")
-    assert list(written) == ["quick"]
-    table2 = _csv(tmp_path / "reports/quick/table2_test_conflicting.csv")
-    row = table2["CMNIST-DD rho=1"]
-    assert row["severity 1"] and row["severity 2"] and not row["severity 3"] and not row["severity 4"]
+    assert list(written) == ["quick", "quick~distill.repeats=1"]
+    row = _csv(tmp_path / "reports/quick/table2_test_conflicting.csv")["CMNIST-DD rho=1"]
+    assert row["severity 1"] and not row["severity 2"] and not row["severity 3"] and not row["severity 4"]
+    variant = tmp_path / "reports/quick~distill.repeats=1"
+    row = _csv(variant / "table2_test_conflicting.csv")["CMNIST-DD rho=1"]
+    assert row["severity 2"] and not row["severity 1"]
+    assert json.loads((variant / "settings.json").read_text())["changes_from_reference"] == {
+        "distill.repeats": 1
+    }
+    full = {
+        (r[3], r[4]) for r in csv.reader(io.StringIO((variant / "cells.csv").read_text())) if r[4] == "full"
+    }
+    assert full == {("1", "full"), ("2", "full")}  # both experiments' full sets: the same settings

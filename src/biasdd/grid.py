@@ -1,7 +1,7 @@
 """Queue the study's grid as DVC experiments, and start, watch or wait for the queue.
 
     biasdd-grid queue [--datasets cmnist ccifar10] [--ratios 0 0.1 0.5 0.8 0.95 1]
-                      [--severity-sweep] [--budget quick] [--dry-run] [--start -j N]
+                      [--severity-sweep] [--budget quick] [--set KEY=VALUE ...] [--dry-run] [--start -j N]
     biasdd-grid wait                     # block until the queue has no queued or running experiment
     dvc queue start -j N                 # what `--start -j N` runs: N experiments at a time; on a GPU
                                          # machine N = its number of GPUs (each takes one: biasdd.lease)
@@ -20,6 +20,10 @@ The grid (the study's layout):
   `methods=[dm]`, so DM's stages and the full set run (the full set's numbers at each severity come
   with them) and the DC/DSA stages are not part of the run.
 Each experiment gets a readable name, e.g. `cmnist-rho0.95-sev4-quick` or `cmnist-dm-rho0-sev2-quick`.
+`--set KEY=VALUE` (repeatable) passes `-S KEY=VALUE` to every experiment, a variant of the whole grid
+(e.g. `--set distill.repeats=3`: three distillations per method); the names end in it
+(`cmnist-rho0.95-sev4-quick-distill.repeats-3`) and `biasdd-report` tables the variant on its own
+(`reports/quick~distill.repeats=3/`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import subprocess
 import tempfile
@@ -46,6 +51,7 @@ SWEEP_RATIOS = (0.0, 1.0)
 SEVERITIES = (1, 2, 3, 4)
 BUDGETS = ("quick", "hour", "paper")
 SWEEP_METHODS = ("dm",)
+GRID_KEYS = ("dataset", "bias_ratio", "severity", "budget", "methods")  # set per cell by the grid
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,13 @@ class GridCell:
     severity: int
     budget: str
     methods: tuple[str, ...] | None = None  # None = params.yaml's list (all methods)
+    extra: tuple[str, ...] = ()  # further `-S KEY=VALUE` overrides (`--set`), the same for every cell
 
     @property
     def name(self) -> str:
         only = "".join(f"-{m}" for m in self.methods) if self.methods else ""
-        return f"{self.dataset}{only}-rho{self.bias_ratio:g}-sev{self.severity}-{self.budget}"
+        suffix = "".join("-" + re.sub(r"[^A-Za-z0-9._]+", "-", e.replace("=", "-")) for e in self.extra)
+        return f"{self.dataset}{only}-rho{self.bias_ratio:g}-sev{self.severity}-{self.budget}{suffix}"
 
     def overrides(self) -> list[str]:
         """The `-S` values of this cell (Hydra overrides of conf/)."""
@@ -73,7 +81,7 @@ class GridCell:
         ]
         if self.methods:
             values.append(("methods", "[" + ",".join(self.methods) + "]"))
-        return [f"{key}={value}" for key, value in values]
+        return [f"{key}={value}" for key, value in values] + list(self.extra)
 
     def command(self) -> list[str]:
         cmd = ["dvc", "exp", "run", "--queue", "-n", self.name]
@@ -87,8 +95,10 @@ def grid_cells(
     ratios: Sequence[float] = BIAS_RATIOS,
     severity_sweep: bool = False,
     budget: str = "quick",
+    extra: Sequence[str] = (),
 ) -> list[GridCell]:
-    """Table 1's cells, then (with `severity_sweep`) Table 2's DM-only cells not already covered."""
+    """Table 1's cells, then (with `severity_sweep`) Table 2's DM-only cells not already covered; every
+    cell with the `extra` overrides (KEY=VALUE, not one of the grid's own keys)."""
     for dataset in datasets:
         if dataset not in DATASETS:
             raise ValueError(f"dataset {dataset!r}: valid are {', '.join(DATASETS)}")
@@ -97,14 +107,24 @@ def grid_cells(
             raise ValueError(f"bias ratio {ratio}: valid are values in [0, 1]")
     if budget not in BUDGETS:
         raise ValueError(f"budget {budget!r}: valid are {', '.join(BUDGETS)}")
-    cells = [GridCell(d, float(r), TABLE1_SEVERITY, budget) for d in datasets for r in ratios]
+    for override in extra:
+        key, eq, value = override.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"--set {override!r}: valid is KEY=VALUE, as `dvc exp run -S` takes it")
+        if key.lstrip("+~") in GRID_KEYS:
+            raise ValueError(
+                f"--set {override!r}: the grid sets {', '.join(GRID_KEYS)} itself (--datasets, --ratios, "
+                "--budget, --severity-sweep); valid are the other params.yaml keys"
+            )
+    extra = tuple(extra)
+    cells = [GridCell(d, float(r), TABLE1_SEVERITY, budget, extra=extra) for d in datasets for r in ratios]
     if severity_sweep:
         for dataset in datasets:
             for ratio in SWEEP_RATIOS:
                 for severity in SEVERITIES:
                     if severity == TABLE1_SEVERITY and ratio in ratios:
                         continue  # Table 1's full-pipeline experiment already gives this DM cell
-                    cells.append(GridCell(dataset, ratio, severity, budget, methods=SWEEP_METHODS))
+                    cells.append(GridCell(dataset, ratio, severity, budget, SWEEP_METHODS, extra))
     return cells
 
 
@@ -199,6 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
     q.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
     q.add_argument("--budget", default="quick", choices=BUDGETS)
+    q.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pass `-S KEY=VALUE` to every experiment (repeatable), e.g. --set distill.repeats=3",
+    )
     q.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
     q.add_argument("--start", action="store_true", help="then run `dvc queue start -j N`")
     q.add_argument(
@@ -221,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(counts))
         return 1 if counts.get("Failed") else 0
 
-    cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget)
+    try:
+        cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra)
+    except ValueError as error:
+        parser.error(str(error))  # one line and exit status 2, before anything is queued
     failed = queue(cells, args.repo, dry_run=args.dry_run)
     if args.dry_run:
         if args.start:

@@ -5,14 +5,21 @@
 
 Every row of `dvc exp show --json` (the workspace, the baseline commit and each experiment; queued,
 running or failed ones have no metrics yet and are skipped) contributes the metrics files
-`metrics/<split>/<name>.json` (name = full, dc, dsa, dm) it declares. A cell of the study's grid is keyed
-by (budget, dataset, bias ratio, severity, method, split), the point read from the row's params (the
-values DVC composed for that run). When two rows fill the same cell the newest wins (the workspace
-counts as newest) and a log line says so. The workspace is left out when `dvc status` says a stage is
-out of date: its params.yaml then names a point its metrics files were not made from (params edited,
-or `dvc exp run` results not applied), so they would fill the cell with stale numbers.
+`metrics/<split>/<name>.json` (name = full, dc, dsa, dm) it declares. A cell's position in the study's
+grid is (budget, dataset, bias ratio, severity, method, split), the point read from the row's params (the
+values DVC composed for that run). Its settings are the rest of the params its numbers depend on: those
+dvc.yaml feeds the stages upstream of its metrics file, less NEUTRAL (`relevant`). Rows of other settings
+never share a cell: each budget's tables are made for its reference settings (those of its first baseline
+row: the workspace, HEAD, older commits; for a budget only experiments ran, the newest one's), and every
+other set of settings a run used gets tables of its own, `<budget>~<changed params>` (e.g.
+`quick~distill.repeats=3` for `dvc exp run -S distill.repeats=3`), in which the cells that do not depend
+on the change (there: the full set) are the reference's. When two rows of the same settings fill a cell
+the newest wins (the workspace counts as newest) and a log line says so. The workspace's metrics are left
+out when `dvc status` says a stage is out of date: its params.yaml then names a point its metrics files
+were not made from (params edited, or `dvc exp run` results not applied), so they would fill the cell
+with stale numbers.
 
-Outputs, one folder per budget found, `<out>/<budget>/`:
+Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/<budget>~<changes>/`:
 
 - `table1_<split>.md` / `.csv`: rows DC, DSA, DM, Full set; columns dataset x bias ratio
   (0, 0.1, 0.5, 0.8, 0.95, 1.0) at severity 4; cells top-1 accuracy in %, mean +- std over the repeats.
@@ -21,8 +28,10 @@ Outputs, one folder per budget found, `<out>/<budget>/`:
 - `curves_<dataset>.png`: accuracy vs bias ratio per method with error bars (std), the full set too,
   at severity 4, one panel per test split.
 - `cells.csv`: every cell found, long form, with the experiment it came from.
+- `settings.json`: the settings the folder's cells were made with, and how they differ from the reference.
 
-Missing cells stay blank: a partial grid gives partial tables. Each table's title states its budget.
+Missing cells stay blank: a partial grid gives partial tables. Each table's title states its budget
+and, in a variant's folder, the changed settings.
 Cells that failed on a Ray cluster (`biasdd-cluster run` records them in `reports/cluster-status.json`
 of the repository; they have no experiment, hence no metrics) are listed under the tables they belong to.
 Deviation from STYLE ("only the plotting module imports matplotlib"): the curves live here, next to
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io as _io
 import json
 import logging
@@ -70,6 +80,9 @@ WORKSPACE = "workspace"
 CLUSTER_STATUS = Path("reports") / "cluster-status.json"  # written by biasdd.cluster, relative to the repo
 
 
+Settings = tuple[tuple[str, str], ...]  # sorted (dotted param key, JSON value)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One method's accuracy on one split for one grid point, and where it came from."""
@@ -85,10 +98,90 @@ class Cell:
     n_repeats: int | None
     source: str  # experiment name or rev
     timestamp: datetime | None  # None = the workspace, counted as newest
+    settings: Settings = ()  # what else its numbers depend on (`cell_settings`)
 
     @property
-    def key(self) -> tuple[str, str, float, int, str, str]:
+    def position(self) -> tuple[str, str, float, int, str, str]:
+        """Where it goes in a budget's tables."""
         return (self.budget, self.dataset, self.bias_ratio, self.severity, self.method, self.split)
+
+    @property
+    def key(self) -> tuple:
+        """One cell per position and settings: runs of other settings never share a cell."""
+        return (*self.position, self.settings)
+
+
+# --- settings: what a cell's numbers depend on besides its grid point ----------------------------------
+
+AXES = ("budget", "dataset", "bias_ratio", "severity")  # the grid point, a cell's position
+# Params that change no reported number: where a run computes or stores (device, download.mirror,
+# download.cache_dir), which methods ran (each method's cells are its own), checkpoints, the test batch,
+# `compute.compile` (compiled == eager up to round-off), the plots, the bias classifier (it scores bias,
+# not accuracy), and debias / bias_model (a debiased run is skipped; with debias.mode none nothing reads
+# them). Every other param of a stage upstream of a metrics file (dvc.yaml) counts: tests/test_report.py
+# checks that a cell's settings are exactly those (`relevant`).
+NEUTRAL = (
+    "device",
+    "methods",
+    "download.mirror",
+    "download.cache_dir",
+    "distill.checkpoint_every",
+    "evaluate.batch_test",
+    "compute.compile",
+    "plot",
+    "bias_classifier",
+    "bias_model",
+    "debias",
+)
+UNSET = "unset"  # a param one run has and another lacks (older commits)
+QUOTE = '"'
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def run_settings(params: Mapping[str, Any]) -> dict[str, str]:
+    """A run's params, flattened to dotted keys, less its grid point and the NEUTRAL ones."""
+    return {k: v for k, v in _flatten(params).items() if not _under(k, (*AXES, *NEUTRAL))}
+
+
+def relevant(settings: Mapping[str, str], method: str, dataset: str) -> dict[str, str]:
+    """The part of a run's settings that one cell (a method's or the full set's, on `dataset`) depends on:
+    dvc.yaml's params of the stages upstream of its metrics file. A method's cell: not the other methods'
+    distillation and schedules, not the full set's training; the full set's: no distillation, no
+    synthetic-set evaluation, no DSA augmentation."""
+    other_datasets = [d for d in (*DATASETS, *_schedule_datasets(settings)) if d != dataset]
+    drop = [f"evaluate.synthetic.schedule.{d}" for d in other_datasets]
+    if dataset != "cmnist":
+        drop.append("cmnist")
+    if method == "full":
+        drop += ["distill", "evaluate.synthetic", "augment"]
+    else:
+        drop.append("evaluate.full")
+        drop += [f"distill.{m}" for m in METHODS if m != method]
+        drop += [f"evaluate.synthetic.schedule.{dataset}.{m}" for m in METHODS if m != method]
+    return {k: v for k, v in settings.items() if not _under(k, drop)}
+
+
+def _schedule_datasets(settings: Mapping[str, str]) -> set[str]:
+    prefix = "evaluate.synthetic.schedule."
+    return {k[len(prefix) :].split(".")[0] for k in settings if k.startswith(prefix)}
+
+
+def cell_settings(settings: Mapping[str, str], method: str, dataset: str) -> Settings:
+    return tuple(sorted(relevant(settings, method, dataset).items()))
 
 
 # --- reading `dvc exp show --json` -----------------------------------------------------------------
@@ -151,8 +244,14 @@ def workspace_is_current(repo: Path) -> bool:
 
 
 def without_workspace(exp_show: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """`exp_show` less its workspace row (experiments hang under the baseline rows and stay)."""
-    return [row for row in exp_show if row.get("rev") != WORKSPACE]
+    """`exp_show` with its workspace row's metrics dropped; its params stay, since they name the settings
+    the repository is at (`reference_settings`). Experiments hang under the baseline rows and stay."""
+    rows = []
+    for row in exp_show:
+        if row.get("rev") == WORKSPACE:
+            row = {**row, "data": {**(row.get("data") or {}), "metrics": {}}}
+        rows.append(row)
+    return rows
 
 
 def iter_rows(exp_show: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
@@ -220,6 +319,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
             log.warning("%s: params lack %s; skipped", source, [k for k, v in point.items() if v is None])
         return []
     evaluate = params.get("evaluate") or {}
+    settings = run_settings(params)
     cells = []
     for path in sorted(metrics):
         found = _metric_path(path)
@@ -244,6 +344,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
                 n_repeats=repeats,
                 source=source,
                 timestamp=timestamp,
+                settings=cell_settings(settings, name, str(point["dataset"])),
             )
         )
     return cells
@@ -256,15 +357,23 @@ def _newer(a: Cell, b: Cell) -> bool:
     return a.timestamp > b.timestamp
 
 
-def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
-    """One cell per (budget, dataset, bias ratio, severity, method, split): the newest row wins.
+RowCells = list[tuple[Mapping[str, Any], list[Cell]]]  # each row with data and the cells it fills
+
+
+def rows_with_cells(exp_show: Iterable[Mapping[str, Any]]) -> RowCells:
+    return [(row, cells_from_row(row)) for row in iter_rows(exp_show)]
+
+
+def collect_cells(exp_show: Iterable[Mapping[str, Any]], rows: RowCells | None = None) -> dict[tuple, Cell]:
+    """One cell per (budget, dataset, bias ratio, severity, method, split) and settings: the newest wins.
+    `rows`: `rows_with_cells(exp_show)` when the caller has it already.
 
     Each overridden cell is logged at DEBUG (`biasdd-report --verbose`); one INFO line counts those whose
     values differed, since a repository's history (`--all-commits`) holds hundreds of them."""
     cells: dict[tuple, Cell] = {}
     differed: list[str] = []
-    for row in iter_rows(exp_show):
-        for cell in cells_from_row(row):
+    for _, row_cells in rows_with_cells(exp_show) if rows is None else rows:
+        for cell in row_cells:
             old = cells.get(cell.key)
             if old is None:
                 cells[cell.key] = cell
@@ -272,7 +381,7 @@ def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
             winner, loser = (cell, old) if _newer(cell, old) else (old, cell)
             cells[cell.key] = winner
             same = (winner.mean, winner.std) == (loser.mean, loser.std)
-            key = "/".join(str(k) for k in cell.key)
+            key = "/".join(str(k) for k in cell.position)
             if not same:
                 differed.append(key)
             log.debug(
@@ -291,6 +400,107 @@ def collect_cells(exp_show: Iterable[Mapping[str, Any]]) -> dict[tuple, Cell]:
             differed[0],
         )
     return cells
+
+
+# --- variants: one set of tables per set of settings ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The settings one folder of tables is made for: a budget's reference settings with `changes`."""
+
+    budget: str
+    settings: Settings  # the whole run settings (`run_settings`), sorted
+    changes: Settings = ()  # against the budget's reference; () = the reference itself
+    found_in: str = ""  # the row the settings were read from
+
+    @property
+    def folder(self) -> str:
+        """`<budget>` for the reference, else `<budget>~<key>=<value>[+...]` (or a short hash)."""
+        if not self.changes:
+            return self.budget
+        slug = "+".join(f"{k}={_plain(v).strip(QUOTE)}" for k, v in self.changes)  # strings unquoted
+        if len(slug) > 60 or not all(ch.isalnum() or ch in "._=+-" for ch in slug):
+            slug = "v" + hashlib.sha1(json.dumps(self.changes).encode()).hexdigest()[:8]
+        return f"{self.budget}~{slug}"
+
+    def note(self) -> str:
+        """For the titles: how these settings differ from the reference's."""
+        if not self.changes:
+            return ""
+        shown = ", ".join(f"{k}={_plain(v)}" for k, v in self.changes[:4])
+        more = f" and {len(self.changes) - 4} more (settings.json)" if len(self.changes) > 4 else ""
+        return f"; settings changed from {self.budget}/'s: {shown}{more}"
+
+    def fits(self, cell: Cell) -> bool:
+        return cell.budget == self.budget and cell.settings == cell_settings(
+            dict(self.settings), cell.method, cell.dataset
+        )
+
+
+def _plain(value: str) -> str:
+    return value if value == UNSET else json.dumps(json.loads(value), separators=(",", ":"))
+
+
+def _row_params(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _file_data((row.get("data") or {}).get("params"), "params.yaml") or {}
+
+
+def reference_settings(exp_show: Sequence[Mapping[str, Any]], rows: RowCells) -> dict[str, Variant]:
+    """Each budget's reference settings: those of the first baseline row of that budget (the workspace,
+    then HEAD, then, with --all-commits, older commits), so the repository's own settings; for a budget
+    that only experiments ran, the newest experiment's."""
+    refs: dict[str, Variant] = {}
+    for row in exp_show:
+        budget = _row_params(row).get("budget")
+        if budget is not None and str(budget) not in refs:
+            settings = tuple(sorted(run_settings(_row_params(row)).items()))
+            refs[str(budget)] = Variant(str(budget), settings, found_in=str(row.get("rev", "?"))[:9])
+    newest: dict[str, tuple[datetime, Mapping[str, Any]]] = {}
+    for row, _ in rows:
+        budget, stamp = _row_params(row).get("budget"), _timestamp((row.get("data") or {}).get("timestamp"))
+        if budget is None or str(budget) in refs or stamp is None:
+            continue
+        if str(budget) not in newest or stamp > newest[str(budget)][0]:
+            newest[str(budget)] = (stamp, row)
+    for budget, (_, row) in newest.items():
+        settings = tuple(sorted(run_settings(_row_params(row)).items()))
+        refs[budget] = Variant(budget, settings, found_in=str(row.get("name") or row.get("rev", "?")))
+    return refs
+
+
+def find_variants(exp_show: Sequence[Mapping[str, Any]], rows: RowCells | None = None) -> list[Variant]:
+    """The reference of every budget, and one variant per other set of settings a row's cells were made
+    with: the reference with the row's params that differ and that those cells depend on (a run that
+    changed only DC's learning rate makes a variant whose DSA, DM and full-set cells are the reference's).
+    """
+    rows = rows_with_cells(exp_show) if rows is None else rows
+    refs = reference_settings(exp_show, rows)
+    variants = {(v.budget, ()): v for v in refs.values()}
+    for row, row_cells in rows:
+        misfits = [c for c in row_cells if c.budget in refs and not refs[c.budget].fits(c)]
+        if not misfits:
+            continue
+        ref = refs[misfits[0].budget]
+        ours, theirs = run_settings(_row_params(row)), dict(ref.settings)
+        keys: set[str] = set()
+        for c in misfits:  # the params these cells depend on, in this run's settings or the reference's
+            keys |= relevant(ours, c.method, c.dataset).keys() | relevant(theirs, c.method, c.dataset).keys()
+        changed = [k for k in keys if ours.get(k, UNSET) != theirs.get(k, UNSET)]
+        changes = tuple(sorted((k, ours.get(k, UNSET)) for k in changed))
+        if (ref.budget, changes) in variants:
+            continue
+        merged = {**theirs, **dict(changes)}
+        merged = {k: v for k, v in merged.items() if v != UNSET}
+        variants[(ref.budget, changes)] = Variant(
+            ref.budget, tuple(sorted(merged.items())), changes, found_in=misfits[0].source
+        )
+    return sorted(variants.values(), key=lambda v: (v.budget, bool(v.changes), v.folder))
+
+
+def variant_cells(cells: Mapping[tuple, Cell], variant: Variant) -> dict[tuple, Cell]:
+    """The cells of `variant`'s tables, keyed by position (one each: `cells` has one per settings)."""
+    return {c.position: c for c in cells.values() if variant.fits(c)}
 
 
 # --- tables ------------------------------------------------------------------------------------------
@@ -340,9 +550,9 @@ class Table:
         return buffer.getvalue()
 
 
-def _budget_title(budget: str) -> str:
+def _budget_title(budget: str, variant: str = "") -> str:
     note = BUDGET_NOTES.get(budget)
-    return f"budget: {budget}" + (f" ({note})" if note else "")
+    return f"budget: {budget}" + (f" ({note})" if note else "") + variant
 
 
 def _ratios(cells: Mapping[tuple, Cell], budget: str, dataset: str) -> list[float]:
@@ -356,7 +566,7 @@ def _datasets(cells: Mapping[tuple, Cell], budget: str) -> list[str]:
     return [*DATASETS, *sorted(found - set(DATASETS))]
 
 
-def table1(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
+def table1(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "") -> Table:
     """Rows = methods and the full set; columns = dataset x bias ratio, at severity 4."""
     columns, keys = [], []
     for dataset in _datasets(cells, budget):
@@ -372,12 +582,12 @@ def table1(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
     ]
     title = (
         f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; "
-        f"severity {TABLE1_SEVERITY}; {_budget_title(budget)}"
+        f"severity {TABLE1_SEVERITY}; {_budget_title(budget, variant)}"
     )
     return Table(f"table1_{split}", title, "method", columns, rows)
 
 
-def table2(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
+def table2(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "") -> Table:
     """DM at bias ratios 0 and 1 (rows, per dataset) x severities 1-4 (columns)."""
     rows = [
         (
@@ -389,7 +599,7 @@ def table2(cells: Mapping[tuple, Cell], budget: str, split: str) -> Table:
     ]
     title = (
         f"Table 2: DM, top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}, "
-        f"by bias severity; {_budget_title(budget)}"
+        f"by bias severity; {_budget_title(budget, variant)}"
     )
     return Table(
         f"table2_{split}", title, "DM: dataset, bias ratio", [f"severity {s}" for s in SEVERITIES], rows
@@ -445,7 +655,9 @@ def failed_notes(failed: Sequence[Mapping[str, Any]], budget: str, table: str) -
 # --- curves (matplotlib: see the module docstring) ---------------------------------------------------
 
 
-def curves_figure(cells: Mapping[tuple, Cell], budget: str, dataset: str, path: Path) -> None:
+def curves_figure(
+    cells: Mapping[tuple, Cell], budget: str, dataset: str, path: Path, variant: str = ""
+) -> None:
     """Accuracy vs bias ratio per method and the full set, error bars = std, one panel per split."""
     from biasdd.plots import _save, plt  # the Agg backend is set there
 
@@ -471,7 +683,8 @@ def curves_figure(cells: Mapping[tuple, Cell], budget: str, dataset: str, path: 
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.suptitle(
-        f"{DATASET_NAMES.get(dataset, dataset)}, severity {TABLE1_SEVERITY}; {_budget_title(budget)}",
+        f"{DATASET_NAMES.get(dataset, dataset)}, severity {TABLE1_SEVERITY}; "
+        f"{_budget_title(budget, variant)}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -484,35 +697,53 @@ def curves_figure(cells: Mapping[tuple, Cell], budget: str, dataset: str, path: 
 def write_report(
     exp_show: Sequence[Mapping[str, Any]], out: Path, failed: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, list[Path]]:
-    """Write every table and curve for every budget found; returns the files per budget.
+    """Write every table and curve for every budget and variant found; returns the files per folder.
 
-    `failed`: records of cells that failed on a cluster (`read_failed_cells`), listed under the tables.
+    `failed`: records of cells that failed on a cluster (`read_failed_cells`), listed under the tables of
+    their budget's reference settings.
     """
-    cells = collect_cells(exp_show)
-    budgets = sorted({c.budget for c in cells.values()} | {r["budget"] for r in failed if r.get("budget")})
-    if not budgets:
+    rows = rows_with_cells(exp_show)
+    cells = collect_cells(exp_show, rows)
+    variants = find_variants(exp_show, rows)
+    only_failed = {str(r["budget"]) for r in failed if r.get("budget")} - {v.budget for v in variants}
+    variants += [Variant(budget, ()) for budget in sorted(only_failed)]
+    if not cells:
         log.warning("no experiment has metrics yet: nothing to report (run `dvc queue status`)")
     written: dict[str, list[Path]] = {}
-    for budget in budgets:
-        folder = out / budget
+    for variant in variants:
+        view = variant_cells(cells, variant)
+        if not view and not (failed and not variant.changes):
+            continue  # a budget whose rows have no metrics yet
+        budget, note, folder = variant.budget, variant.note(), out / variant.folder
         files = []
         for split in SPLITS:
-            for table in (table1(cells, budget, split), table2(cells, budget, split)):
-                table = dataclasses.replace(table, notes=failed_notes(failed, budget, table.name[:6]))
+            for table in (table1(view, budget, split, note), table2(view, budget, split, note)):
+                if not variant.changes:
+                    table = dataclasses.replace(table, notes=failed_notes(failed, budget, table.name[:6]))
                 for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
                     path = folder / f"{table.name}{suffix}"
                     _write_text(path, text)
                     files.append(path)
-        for dataset in sorted({c.dataset for c in cells.values() if c.budget == budget}):
+        for dataset in sorted({c.dataset for c in view.values()}):
             path = folder / f"curves_{dataset}.png"
-            curves_figure(cells, budget, dataset, path)
+            curves_figure(view, budget, dataset, path, note)
             files.append(path)
-        budget_cells = [c for c in cells.values() if c.budget == budget]
-        write_cells_csv(budget_cells, folder / "cells.csv")
-        files.append(folder / "cells.csv")
-        log.info("budget %s: %d cells -> %s", budget, len(budget_cells), folder)
-        written[budget] = files
+        write_cells_csv(view.values(), folder / "cells.csv")
+        settings = {
+            "budget": budget,
+            "changes_from_reference": {k: _loaded(v) for k, v in variant.changes},
+            "settings": {k: _loaded(v) for k, v in variant.settings},
+            "settings_from": variant.found_in,
+        }
+        _write_text(folder / "settings.json", json.dumps(settings, indent=1) + "\n")
+        files += [folder / "cells.csv", folder / "settings.json"]
+        log.info("%s: %d cells -> %s%s", variant.folder, len(view), folder, note)
+        written[variant.folder] = files
     return written
+
+
+def _loaded(value: str) -> Any:
+    return value if value == UNSET else json.loads(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
