@@ -66,6 +66,10 @@ def test_worker_command_is_the_grid_command_without_queue():
     command = cluster.worker_command(sweep, cpu=True)
     assert command[-4:] == ["-S", "methods=[dm]", "-S", "device=cpu"] and "--queue" not in command
     assert command[:6] == ["dvc", "exp", "run", "--pull", "-n", "ccifar10-dm-rho1-sev2-quick"]
+    variant = grid.grid_cells(["cmnist"], [0.95], extra=["distill.repeats=3"])[0]  # --set distill.repeats=3
+    command = cluster.worker_command(variant)
+    assert command[5] == "cmnist-rho0.95-sev4-quick-distill.repeats-3"
+    assert command[-2:] == ["-S", "distill.repeats=3"]
 
 
 def test_select_cells_keeps_grid_order_and_rejects_unknown_names():
@@ -103,6 +107,10 @@ def test_status_file_merges_and_report_lists_failed_cells(tmp_path):
     )
     assert "FAILED" not in (tmp_path / "out/quick/table1_test_conflicting.csv").read_text()
     assert report.read_failed_cells(tmp_path / "absent.json") == []
+    variant = grid.grid_cells(["cmnist"], [0.5], extra=["distill.repeats=3"])[0]
+    cluster.write_status(status, [cluster.CellResult.for_cell(variant, "failed", "f" * 40, attempts=1)])
+    notes = report.failed_notes(report.read_failed_cells(status), "quick", "table1")
+    assert f"{variant.name} (a variant: --set distill.repeats=3) (attempts: 1;" in notes[-1]
 
 
 # --- the cluster ---------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class CellResult:
     severity: int | None = None
     budget: str | None = None
     methods: list[str] | None = None  # None = all of params.yaml's
+    extra: list[str] | None = None  # `--set` overrides: a variant of the grid
     base: str | None = None
     attempts: int | None = None  # Ray's attempt number of the last attempt, from 1
     node: str | None = None
@@ -116,6 +117,7 @@ class CellResult:
             severity=cell.severity,
             budget=cell.budget,
             methods=list(cell.methods) if cell.methods else None,
+            extra=list(cell.extra) or None,
             base=base,
             **values,
         )
@@ -533,6 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
         p.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
         p.add_argument("--budget", default="quick", choices=BUDGETS)
+        p.add_argument(
+            "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+            help="pass `-S KEY=VALUE` to every cell (repeatable), as biasdd-grid queue --set",
+        )  # fmt: skip
         p.add_argument("--only", nargs="+", metavar="CELL", help="only these cells of the grid (by name)")
         p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
     run.add_argument("--address", required=True, help="the Ray cluster's head, HOST:PORT")
@@ -549,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cells = select_cells(
-            grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget), args.only
+            grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra), args.only
         )
         repo = args.repo.resolve()
         git_url = _git_url(repo, args.git_remote)

@@ -645,9 +645,11 @@ def failed_notes(failed: Sequence[Mapping[str, Any]], budget: str, table: str) -
         in_table1 = record.get("severity") == TABLE1_SEVERITY
         in_table2 = record.get("bias_ratio") in TABLE2_RATIOS
         if (table == "table1" and in_table1) or (table == "table2" and in_table2):
+            variant = " ".join(f"--set {e}" for e in record.get("extra") or [])
             notes.append(
                 f"- FAILED on the cluster, no result: {record.get('name')} "
-                f"(attempts: {record.get('attempts')}; {record.get('error')})"
+                + (f"(a variant: {variant}) " if variant else "")
+                + f"(attempts: {record.get('attempts')}; {record.get('error')})"
             )
     return tuple(notes)
 
