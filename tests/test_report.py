@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from biasdd import grid, report
 
@@ -417,6 +418,84 @@ def test_stale_workspace_still_names_the_reference_settings(tmp_path):
     variant = _csv(tmp_path / "quick~distill.repeats=3/table1_test_conflicting.csv")
     assert variant["DC"]["CMNIST-DD rho=0.95"] == "50.00 +- 1.00"
     assert rows[0]["data"]["params"] and not rows[0]["data"]["metrics"]
+
+
+def _commit_with_lock(repo: Path, lr_img_run: float) -> str:
+    """A git commit holding a dvc.yaml and the dvc.lock of a run whose DC distillation used `lr_img_run`."""
+    repo.mkdir(exist_ok=True)
+    dvc_yaml = {
+        "stages": {
+            name: {"foreach": "${methods}", "do": {"cmd": f"python stages/{name}.py --method ${{item}}"}}
+            for name in ("distill", "evaluate")
+        }
+    }
+    evaluate = {
+        f"evaluate@{m}": {
+            "cmd": "...",
+            "deps": [{"path": f"data/synthetic/{m}.h5", "md5": "0"}],
+            "params": {"params.yaml": {"seed": 0}},
+            "outs": [{"path": f"metrics/{split}/{m}.json", "md5": "0"} for split in report.SPLITS],
+        }
+        for m in ("dc", "dm")
+    }
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "distill@dc": {
+                "cmd": "...",
+                "params": {"params.yaml": {"distill.dc": {"lr_img": lr_img_run}}},
+                "outs": [{"path": "data/synthetic/dc.h5", "md5": "0"}],
+            },
+            "distill@dm": {
+                "cmd": "...",
+                "params": {"params.yaml": {"distill.dm": {"iterations": 300}}},
+                "outs": [{"path": "data/synthetic/dm.h5", "md5": "0"}],
+            },
+            **evaluate,
+            # an entry of a stage dvc.yaml no longer defines (DVC leaves them in dvc.lock): not read
+            "evaluate@full": {
+                "cmd": "...",
+                "params": {"params.yaml": {"gone": 1}},
+                "outs": evaluate["evaluate@dm"]["outs"],
+            },
+        },
+    }
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+    if not (repo / ".git").exists():
+        run(repo, "git", "init", "-q")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", f"lock of lr_img {lr_img_run}")
+    return run(repo, "git", "rev-parse", "HEAD").strip()
+
+
+def test_commit_metrics_made_with_other_params_are_not_reported(tmp_path, caplog):
+    """Regression: a commit of this repository set DC's image learning rate to 10 and was committed with
+    the metrics of the run before (rate 0.1, from noise); `--all-commits` tabled those as rate 10's. A
+    commit's metrics files whose stage (or one upstream) dvc.lock records with other param values than
+    the commit's params.yaml are left out; its other metrics, and experiments, stay."""
+    repo = tmp_path / "repo"
+    params = {
+        "methods": ["dc", "dm"],
+        "seed": 0,
+        "distill": {"dc": {"lr_img": 10.0}, "dm": {"iterations": 300}},
+    }
+    metrics = _all(0.5, names=["dc", "dm"])
+    stale_rev = _commit_with_lock(repo, lr_img_run=0.1)
+    fresh_rev = _commit_with_lock(repo, lr_img_run=10.0)
+    experiment = _row("e" * 40, "exp", "2026-01-03T00:00:00", metrics, params)  # DVC's own run: kept
+    stale = _row(stale_rev, None, "2026-01-01T00:00:00", metrics, params)
+    stale["experiments"] = [_exp(experiment)]
+    fresh = _row(fresh_rev, None, "2026-01-02T00:00:00", metrics, params)
+    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+        rows = report.without_stale_commit_metrics([fresh, stale], repo)
+    assert sorted(rows[0]["data"]["metrics"]) == sorted(metrics)
+    kept = sorted(rows[1]["data"]["metrics"])
+    assert kept == sorted(p for p in metrics if "/dc.json" not in p or p.startswith("metrics/bias/"))
+    assert rows[1]["experiments"][0]["revs"][0]["data"]["metrics"] == metrics
+    assert f"not reported: {stale_rev[:7]}" in caplog.text
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert report.stale_metrics(lock, yaml.safe_load((repo / "dvc.yaml").read_text()), params) == {}
 
 
 def test_no_metrics_anywhere(tmp_path, caplog):

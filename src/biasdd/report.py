@@ -17,7 +17,8 @@ on the change (there: the full set) are the reference's. When two rows of the sa
 the newest wins (the workspace counts as newest) and a log line says so. The workspace's metrics are left
 out when `dvc status` says a stage is out of date: its params.yaml then names a point its metrics files
 were not made from (params edited, or `dvc exp run` results not applied), so they would fill the cell
-with stale numbers.
+with stale numbers. A commit's metrics files are left out on the same grounds when its dvc.lock records
+their stages (or one upstream) with other param values than its params.yaml (`stale_metrics`).
 
 Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/<budget>~<changes>/`:
 
@@ -222,7 +223,7 @@ def exp_show_json(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]
     result = run_tool(cmd, repo)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {repo}:\n{result.stderr}")
-    rows = json.loads(result.stdout)
+    rows = without_stale_commit_metrics(json.loads(result.stdout), repo)
     if workspace_is_current(repo):
         return rows
     log.info("workspace: not reported (`dvc status`: out of date; metrics may not match params)")
@@ -251,6 +252,104 @@ def without_workspace(exp_show: Iterable[Mapping[str, Any]]) -> list[Mapping[str
         if row.get("rev") == WORKSPACE:
             row = {**row, "data": {**(row.get("data") or {}), "metrics": {}}}
         rows.append(row)
+    return rows
+
+
+# --- commits whose metrics are not their params' ---------------------------------------------------------
+
+_MISSING = object()
+
+
+def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _git_yaml(repo: Path, rev: str, path: str) -> Any:
+    import yaml
+
+    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    return yaml.safe_load(result.stdout) if result.returncode == 0 else None
+
+
+def _stage_names(dvc_yaml: Mapping[str, Any], params: Mapping[str, Any]) -> set[str] | None:
+    """The stage names a commit's dvc.yaml defines (`foreach` resolved); None when it cannot tell."""
+    names = set()
+    for name, definition in (dvc_yaml.get("stages") or {}).items():
+        if "foreach" not in definition:
+            names.add(name)
+            continue
+        items = definition["foreach"]
+        if isinstance(items, str) and items.startswith("${") and items.endswith("}"):
+            items = _lookup(params, items[2:-1])
+        if not isinstance(items, list | Mapping):
+            return None
+        names |= {f"{name}@{item}" for item in items}
+    return names
+
+
+def stale_metrics(lock: Mapping[str, Any], dvc_yaml: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+    """{metrics file: [param, ...]} for each metrics file of a commit that its `dvc.lock` says was made
+    with other values of those params (in its own stage or one upstream) than the commit's params.yaml
+    holds: params edited and committed without `dvc repro`. What `dvc status` would say at that commit,
+    for params only (code changes are not part of a cell's settings either)."""
+    names = _stage_names(dvc_yaml, params)
+    if names is None:
+        return {}
+    stages = {n: s for n, s in (lock.get("stages") or {}).items() if n in names}  # stale lock entries out
+    made_by = {out["path"]: n for n, s in stages.items() for out in s.get("outs") or []}
+
+    def differing(stage: str, seen: set[str]) -> set[str]:
+        if stage in seen:
+            return set()
+        seen.add(stage)
+        recorded = (stages[stage].get("params") or {}).get("params.yaml") or {}
+        keys = {k for k, v in recorded.items() if _lookup(params, k) != v}
+        for dep in stages[stage].get("deps") or []:
+            if dep["path"] in made_by:
+                keys |= differing(made_by[dep["path"]], seen)
+        return keys
+
+    found = {}
+    for path, stage in made_by.items():
+        if _metric_path(path) is not None:
+            keys = differing(stage, set())
+            if keys:
+                found[path] = sorted(keys)
+    return found
+
+
+def without_stale_commit_metrics(
+    exp_show: Sequence[Mapping[str, Any]], repo: Path
+) -> list[Mapping[str, Any]]:
+    """`exp_show` with each commit row's stale metrics (`stale_metrics`) dropped: its metrics files then
+    hold the numbers of other params than the row names. Experiments are DVC's own runs and stay."""
+    rows, dropped = [], []
+    for row in exp_show:
+        rev, metrics = str(row.get("rev", "")), (row.get("data") or {}).get("metrics") or {}
+        lock = _git_yaml(repo, rev, "dvc.lock") if rev != WORKSPACE and metrics else None
+        dvc_yaml = _git_yaml(repo, rev, "dvc.yaml") if lock else None
+        stale = stale_metrics(lock, dvc_yaml, _row_params(row)) if lock and dvc_yaml else {}
+        if stale:
+            kept = {path: value for path, value in metrics.items() if path not in stale}
+            row = {**row, "data": {**row["data"], "metrics": kept}}
+            keys = sorted({k for ks in stale.values() for k in ks})
+            dropped.append(rev[:7])
+            log.debug(
+                "commit %s: %s made with other values of %s; not reported", rev[:7], sorted(stale), keys
+            )
+        rows.append(row)
+    if dropped:
+        log.info(
+            "%d commit(s) hold metrics made with other params than their params.yaml (committed without "
+            "`dvc repro`), not reported: %s",
+            len(dropped),
+            ", ".join(dropped),
+        )
     return rows
 
 
