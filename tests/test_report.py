@@ -369,6 +369,19 @@ def test_params_that_change_no_number_make_no_variant(tmp_path):
     assert _csv(tmp_path / "quick/table1_test_conflicting.csv")["DM"]["CMNIST-DD rho=1"] == "20.00 +- 1.00"
 
 
+def test_a_datasets_own_params_split_only_its_cells():
+    """CMNIST-DD's colours feed CMNIST-DD's cells only, and a schedule only its dataset's method."""
+    schedule = {"cmnist": {"dm": {"epochs": 300}}, "ccifar10": {"dm": {"epochs": 300}, "dc": {"epochs": 150}}}
+    ref = report.run_settings(
+        {"cmnist": {"sigma": [0.05]}, "evaluate": {"synthetic": {"schedule": schedule}}}
+    )
+    other = {**ref, "cmnist.sigma": "[0.1]", "evaluate.synthetic.schedule.ccifar10.dc.epochs": "1000"}
+    assert report.cell_settings(other, "dm", "ccifar10") == report.cell_settings(ref, "dm", "ccifar10")
+    assert report.cell_settings(other, "full", "ccifar10") == report.cell_settings(ref, "full", "ccifar10")
+    assert report.cell_settings(other, "dm", "cmnist") != report.cell_settings(ref, "dm", "cmnist")
+    assert report.cell_settings(other, "dc", "ccifar10") != report.cell_settings(ref, "dc", "ccifar10")
+
+
 def test_long_changes_get_a_short_folder_name():
     ref = report.Variant("quick", (("distill.dc.lr_img", "30.0"),))
     long = report.Variant("quick", (), changes=tuple((f"distill.dc.key{i}", "1") for i in range(9)))
