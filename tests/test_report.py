@@ -530,6 +530,30 @@ def test_cli_reads_saved_json(tmp_path):
     assert "Table 1" in out.stdout and (tmp_path / "r/quick/table1_test_conflicting.md").exists()
 
 
+def test_cli_bad_input_is_one_line(monkeypatch, tmp_path, caplog):
+    """A missing or corrupt saved JSON, or `dvc exp show` failing (not a DVC repository): one error line
+    naming the input, exit status 2, no traceback and nothing written."""
+    (tmp_path / "bad.json").write_text("{")
+
+    def no_repo(cmd, repo):
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="", stderr="ERROR: you are not inside of a DVC repository"
+        )
+
+    monkeypatch.setattr(report, "run_tool", no_repo)
+    cases = [
+        (["--exp-show-json", str(tmp_path / "absent.json")], "absent.json: [Errno 2]"),
+        (["--exp-show-json", str(tmp_path / "bad.json")], "bad.json: Expecting property name"),
+        (["--repo", str(tmp_path)], "not inside of a DVC repository (valid: --repo a DVC repository"),
+    ]
+    for argv, message in cases:
+        caplog.clear()
+        assert report.main([*argv, "--out", str(tmp_path / "out")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
 def test_grid_cells_and_dry_run(capsys):
     cells = grid.grid_cells(severity_sweep=True)
     table1 = [c for c in cells if c.methods is None]
@@ -578,6 +602,26 @@ def test_grid_set_rejects_bad_overrides(capsys, value, message):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and value in err and "Traceback" not in err
+
+
+def test_grid_outside_a_dvc_repository(monkeypatch, tmp_path, caplog, capsys):
+    """`wait` ended in a traceback, and `queue` printed its next steps with nothing queued."""
+
+    def no_repo(cmd, repo):
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="", stderr="ERROR: you are not inside of a DVC repository"
+        )
+
+    monkeypatch.setattr(grid, "run_tool", no_repo)
+    assert grid.main(["wait", "--repo", str(tmp_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["dvc queue status failed: ERROR: you are not inside of a DVC repository"]
+    assert (
+        grid.main(["queue", "--datasets", "cmnist", "--ratios", "0.1", "--start", "--repo", str(tmp_path)])
+        == 1
+    )
+    assert "could not queue cmnist-rho0.1-sev4-quick" in caplog.text
+    assert capsys.readouterr().out == ""  # no "next:" steps, no queue started
 
 
 def test_start_queue_returns_while_the_workers_run(monkeypatch, tmp_path):

@@ -245,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "wait":
-        counts = wait(args.repo, poll_s=args.poll, timeout_s=args.timeout)
+        try:
+            counts = wait(args.repo, poll_s=args.poll, timeout_s=args.timeout)
+        except (RuntimeError, TimeoutError) as error:  # not a DVC repository, or --timeout passed
+            log.error("%s", " ".join(str(error).split()))
+            return 2
         print(json.dumps(counts))
         return 1 if counts.get("Failed") else 0
 
@@ -259,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(shlex.join(start_command(args.jobs)))
         return 0
     log.info("queued %d of %d experiments", len(cells) - failed, len(cells))
+    if failed == len(cells):
+        return 1  # nothing to start (each failure was logged with dvc's message)
     if args.start:
         result = start_queue(args.repo, args.jobs)
         if result.returncode != 0:

@@ -867,9 +867,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         log.setLevel(logging.DEBUG)
     if args.exp_show_json:
-        exp_show = json.loads(args.exp_show_json.read_text())
+        try:
+            exp_show = json.loads(args.exp_show_json.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            log.error(
+                "--exp-show-json %s: %s (valid: what `dvc exp show --json` wrote)", args.exp_show_json, error
+            )
+            return 2
     else:
-        exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
+        try:
+            exp_show = exp_show_json(args.repo, all_commits=args.all_commits)
+        except RuntimeError as error:  # `dvc exp show` failed: its own message names the cause
+            log.error("%s (valid: --repo a DVC repository; now %s)", " ".join(str(error).split()), args.repo)
+            return 2
     failed = read_failed_cells(args.repo / CLUSTER_STATUS)
     for record in failed:
         log.warning("%s failed on the cluster: %s", record.get("name"), record.get("error"))
