@@ -511,6 +511,29 @@ def test_commit_metrics_made_with_other_params_are_not_reported(tmp_path, caplog
     assert report.stale_metrics(lock, yaml.safe_load((repo / "dvc.yaml").read_text()), params) == {}
 
 
+def test_commits_that_cannot_be_checked_keep_their_metrics(monkeypatch, tmp_path):
+    """No git (a `dvc init --no-scm` repository) or an unreadable dvc.lock: nothing to compare, nothing left
+    out, no traceback."""
+    repo = tmp_path / "repo"
+    rev = _commit_with_lock(repo, lr_img_run=0.1)
+    (repo / "dvc.lock").write_text("stages: [unclosed")
+    run(repo, "git", "commit", "-qam", "a broken lock")
+    broken = run(repo, "git", "rev-parse", "HEAD").strip()
+    params = {"methods": ["dc", "dm"], "distill": {"dc": {"lr_img": 10.0}}}
+    rows = [
+        _row(r, None, "2026-01-01T00:00:00", _all(0.5, names=["dc", "dm"]), params) for r in (broken, rev)
+    ]
+    checked = report.without_stale_commit_metrics(rows, repo)
+    assert checked[0] == rows[0]  # the broken lock: kept
+    assert "metrics/test_conflicting/dc.json" not in checked[1]["data"]["metrics"]  # the other is checked
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    assert report.without_stale_commit_metrics(rows, repo) == rows
+
+
 def test_no_metrics_anywhere(tmp_path, caplog):
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", {})
     with caplog.at_level(logging.WARNING):

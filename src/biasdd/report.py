@@ -272,8 +272,11 @@ def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
 def _git_yaml(repo: Path, rev: str, path: str) -> Any:
     import yaml
 
-    result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
-    return yaml.safe_load(result.stdout) if result.returncode == 0 else None
+    try:
+        result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+        return yaml.safe_load(result.stdout) if result.returncode == 0 else None
+    except (OSError, yaml.YAMLError):  # no git (a `dvc init --no-scm` repository), or a broken file
+        return None
 
 
 def _stage_names(dvc_yaml: Mapping[str, Any], params: Mapping[str, Any]) -> set[str] | None:
