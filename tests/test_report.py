@@ -525,6 +525,10 @@ def test_commits_that_cannot_be_checked_keep_their_metrics(monkeypatch, tmp_path
     ]
     checked = report.without_stale_commit_metrics(rows, repo)
     assert checked[0] == rows[0]  # the broken lock: kept
+    (repo / "dvc.lock").write_text("stages: {distill@dc: {outs: [no-path-key]}}")  # valid YAML, odd layout
+    run(repo, "git", "commit", "-qam", "an odd lock")
+    odd = _row(run(repo, "git", "rev-parse", "HEAD").strip(), None, None, rows[0]["data"]["metrics"], params)
+    assert report.without_stale_commit_metrics([odd], repo) == [odd]
     assert "metrics/test_conflicting/dc.json" not in checked[1]["data"]["metrics"]  # the other is checked
 
     def no_git(*args, **kwargs):

@@ -336,7 +336,11 @@ def without_stale_commit_metrics(
         rev, metrics = str(row.get("rev", "")), (row.get("data") or {}).get("metrics") or {}
         lock = _git_yaml(repo, rev, "dvc.lock") if rev != WORKSPACE and metrics else None
         dvc_yaml = _git_yaml(repo, rev, "dvc.yaml") if lock else None
-        stale = stale_metrics(lock, dvc_yaml, _row_params(row)) if lock and dvc_yaml else {}
+        try:
+            readable = isinstance(lock, Mapping) and isinstance(dvc_yaml, Mapping)
+            stale = stale_metrics(lock, dvc_yaml, _row_params(row)) if readable else {}
+        except (KeyError, TypeError, AttributeError):  # a dvc.yaml or dvc.lock layout it does not know
+            stale = {}
         if stale:
             kept = {path: value for path, value in metrics.items() if path not in stale}
             row = {**row, "data": {**row["data"], "metrics": kept}}
