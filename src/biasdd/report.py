@@ -57,6 +57,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from biasdd.config import section
+from biasdd.errors import UnknownKeyError
+
 log = logging.getLogger(__name__)
 
 METHODS = ("dc", "dsa", "dm")
@@ -247,12 +252,12 @@ def workspace_is_current(repo: Path) -> bool:
 def without_workspace(exp_show: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """`exp_show` with its workspace row's metrics dropped; its params stay, since they name the settings
     the repository is at (`reference_settings`). Experiments hang under the baseline rows and stay."""
-    rows = []
-    for row in exp_show:
-        if row.get("rev") == WORKSPACE:
-            row = {**row, "data": {**(row.get("data") or {}), "metrics": {}}}
-        rows.append(row)
-    return rows
+    return [_with_metrics(row, {}) if row.get("rev") == WORKSPACE else row for row in exp_show]
+
+
+def _with_metrics(row: Mapping[str, Any], metrics: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A copy of `row` whose metrics are `metrics` (the row itself is left as it is)."""
+    return {**row, "data": {**(row.get("data") or {}), "metrics": metrics}}
 
 
 # --- commits whose metrics are not their params' ---------------------------------------------------------
@@ -261,17 +266,14 @@ _MISSING = object()
 
 
 def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = params
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
+    """`params` at a dotted key as dvc.lock writes it; _MISSING when the key is not there."""
+    try:
+        return section(params, *dotted.split("."))
+    except UnknownKeyError:
+        return _MISSING
 
 
 def _git_yaml(repo: Path, rev: str, path: str) -> Any:
-    import yaml
-
     try:
         result = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
         return yaml.safe_load(result.stdout) if result.returncode == 0 else None
@@ -342,8 +344,7 @@ def without_stale_commit_metrics(
         except (KeyError, TypeError, AttributeError):  # a dvc.yaml or dvc.lock layout it does not know
             stale = {}
         if stale:
-            kept = {path: value for path, value in metrics.items() if path not in stale}
-            row = {**row, "data": {**row["data"], "metrics": kept}}
+            row = _with_metrics(row, {path: value for path, value in metrics.items() if path not in stale})
             keys = sorted({k for ks in stale.values() for k in ks})
             dropped.append(rev[:7])
             log.debug(
@@ -410,7 +411,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
     """
     data = row.get("data") or {}
     metrics = data.get("metrics") or {}
-    params = _file_data(data.get("params"), "params.yaml") or {}
+    params = _row_params(row)
     source = row.get("name") or row.get("rev") or "?"
     if source != WORKSPACE and row.get("rev") and row.get("name"):
         source = f"{row['name']} ({row['rev'][:7]})"
