@@ -23,8 +23,9 @@ until a large block has been freed, which raises its mmap threshold for the rest
 the per-class reference, timed in a process where biasdd had not yet run, measured 0.22 s per DM
 iteration, and 0.13-0.15 s once biasdd's large blocks had been freed, a state biasdd itself always runs
 in. To time both sides in the same state the script re-runs itself with glibc's thresholds fixed
-(`MALLOC_MMAP_THRESHOLD_` 32 MiB, `MALLOC_TRIM_THRESHOLD_` 64 MiB); `--default-allocator` keeps the
-environment as it is (benchmarks/RESULTS.md has both).
+(`MALLOC_MMAP_THRESHOLD_` 32 MiB, `MALLOC_TRIM_THRESHOLD_` 64 MiB: the values biasdd's training stages
+set on the CPU, `biasdd.compute.tune_cpu_allocator`); `--default-allocator` keeps the environment as it
+is (benchmarks/RESULTS.md has both).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from biasdd.distill import METHODS
 from biasdd.nets import build_network
 
 K = 10
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+ALLOCATOR_ENV = {name: str(value) for name, value in compute.ALLOCATOR_THRESHOLDS.items()}
 DSA = DSAConfig("color_crop_cutout_scale_rotate", 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)  # digits: no flip
 
 

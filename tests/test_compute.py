@@ -1,14 +1,18 @@
 """biasdd.compute: the stated tolerances of bf16, compiled == eager, chunked == one pass, and the
-fall-back when compiling fails."""
+fall-back when compiling fails, the CPU allocator's thresholds."""
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from biasdd import compute
+from biasdd import compute, run
 from biasdd.compute import ComputeConfig, NetworkRunner
 from biasdd.distill import dc, dm
 from biasdd.nets import build_network
@@ -145,3 +149,60 @@ def test_compile_only_on_the_cpu():
     assert ComputeConfig(compile=True).compiles_on("cpu")
     assert not ComputeConfig(compile=True).compiles_on("cuda")
     assert not ComputeConfig(compile=False).compiles_on("cpu")
+
+
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+# After tune_cpu_allocator: live blocks of 1 and 24 MiB come from the heap, not from mmap (mallinfo2's
+# hblks counts the mmapped ones). glibc's default (128 KiB, raised only by frees) maps both.
+_HEAP_CHECK = """
+import ctypes, sys
+from biasdd.compute import tune_cpu_allocator
+libc = ctypes.CDLL(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+assert tune_cpu_allocator()
+mapped = []
+for size in (1 << 20, 24 << 20):
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    mapped.append(libc.mallinfo2().hblks - before)
+    libc.free(block)
+print(mapped)
+"""
+
+
+def test_cpu_allocator_thresholds_set_only_on_glibc(monkeypatch):
+    assert compute.tune_cpu_allocator() is GLIBC
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own choice is left alone
+    assert compute.tune_cpu_allocator() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallinfo2 and mallopt are glibc's")
+def test_tuned_allocator_keeps_large_blocks_in_the_heap():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run(
+        [sys.executable, "-c", _HEAP_CHECK], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "[0, 0]", result.stderr
+
+
+def test_training_stages_tune_the_allocator_on_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run, "tune_cpu_allocator", lambda: calls.append(True) or True)
+    params = {
+        "dataset": "cmnist",
+        "seed": 0,
+        "budget": "quick",
+        "device": "cpu",
+        "model": {"net": "convnet3", "width": 8},
+        "compute": {"precision": "fp32", "compile": False},
+    }
+    assert run.run_config(params).device == "cpu"
+    assert calls == [True]

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from biasdd.compute import ComputeConfig
+from biasdd.compute import ComputeConfig, tune_cpu_allocator
 from biasdd.config import Config, NonNegativeInt, PositiveInt, from_dict, section
 from biasdd.data import NUM_CLASSES
 from biasdd.errors import ConfigError
@@ -94,11 +94,15 @@ class RunConfig:
 
 
 def run_config(params: Mapping[str, Any]) -> RunConfig:
-    """Validate the keys every training stage reads; resolve the device."""
+    """Validate the keys every training stage reads; resolve the device. On the CPU, also fix the
+    allocator's thresholds for the process (`biasdd.compute.tune_cpu_allocator`: no result changes)."""
     keys = from_dict(RunKeys, {k: section(params, k) for k in ("dataset", "seed", "budget", "device")}, "")
     model = from_dict(ModelConfig, section(params, "model"), "model")
     compute = from_dict(ComputeConfig, section(params, "compute"), "compute")
-    return RunConfig(keys.dataset, keys.seed, keys.budget, resolve_device(keys.device), model, compute)
+    device = resolve_device(keys.device)
+    if torch.device(device).type == "cpu":
+        tune_cpu_allocator()
+    return RunConfig(keys.dataset, keys.seed, keys.budget, device, model, compute)
 
 
 def net_factory(
