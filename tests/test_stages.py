@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,3 +292,31 @@ def test_gpu_dm_cell_script_runs_on_the_cpu(tmp_path, biased):
     figures = __import__("json").loads(out.read_text())
     assert figures["reduced"] and figures["iterations"] >= 2
     assert 0.0 <= figures["test_conflicting_accuracy"]["mean"] <= 1.0
+
+
+def test_artifact_bytes_change_only_with_the_code_the_stage_runs(tmp_path):
+    """An artifact records the version of the code that made it (`io.code_version`): of the modules its
+    stage imports, which are its code deps, and no others. Hashing the whole package made a clean clone's
+    `dvc repro` write other bytes, so another dvc.lock, than its commit whenever a module the stage does
+    not run (here the report) had changed since the stage last ran."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+    params = _params(tmp_path)
+    out = tmp_path / "base.h5"
+
+    def download() -> str:
+        subprocess.run(
+            [sys.executable, str(REPO / "stages" / "download.py"), "--params", str(params),
+             "--embedded", str(REPO / "data/embedded"), "--out", str(out)],
+            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(src)},
+        )  # fmt: skip
+        assert io.read_attrs(out, kind="base")["code_version"]
+        return io.md5_file(out)
+
+    first = download()
+    report = src / "biasdd" / "report.py"
+    report.write_text(report.read_text() + "\n# an edit to a module download does not run\n")
+    assert download() == first
+    sources = src / "biasdd" / "sources.py"
+    sources.write_text(sources.read_text() + "\n# an edit to a module download runs\n")
+    assert download() != first

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -47,10 +48,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def code_version() -> str:
-    """Package version plus a hash of the package's source files: what produced an artifact."""
+    """Package version plus a hash of the package's source files that this process has imported: the
+    code that produced an artifact.
+
+    Only the imported files, not the whole package: a stage's imports are its code deps in dvc.yaml
+    (tests/test_dag.py), so its artifact's bytes change with the code DVC re-runs it for and not with
+    any other file. Hashing every file made a clean clone's `dvc repro` write other bytes, and so
+    another dvc.lock, than the commit it came from whenever an unrelated module had changed since the
+    stage last ran. Call it at the end of a stage, when everything it runs is imported.
+    """
     root = Path(biasdd.__file__).parent
+    files = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if (name == "biasdd" or name.startswith("biasdd.")) and getattr(module, "__file__", None)
+    }
     digest = hashlib.sha256()
-    for file in sorted(root.rglob("*.py")):
+    for file in sorted(f for f in files if f.is_relative_to(root)):
         digest.update(str(file.relative_to(root)).encode())
         digest.update(file.read_bytes())
     return f"{biasdd.__version__}+src.{digest.hexdigest()[:12]}"
