@@ -68,6 +68,17 @@ def test_checkpoint_roundtrip(tmp_path):
     assert io.load_checkpoint(tmp_path / "none.pt") is None
 
 
+def test_checkpoint_is_byte_reproducible(tmp_path):
+    """The same state gives the same bytes (the bias classifier is a DVC output): saved through a path,
+    torch named the archive's folder after the random temporary file, so every save differed."""
+    import torch
+
+    state = {"weight": torch.arange(6.0).view(2, 3), "code_version": "0.1.0+src.x"}
+    io.save_checkpoint(tmp_path / "a" / "classifier.pt", state)
+    io.save_checkpoint(tmp_path / "b" / "classifier.pt", state)
+    assert (tmp_path / "a" / "classifier.pt").read_bytes() == (tmp_path / "b" / "classifier.pt").read_bytes()
+
+
 def _run_stages(workdir: Path, params: Path, extra_env=None):
     env = {"BIASDD_WORKERS": "2", **(extra_env or {})}
     import os

@@ -264,11 +264,16 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """torch.save a training state atomically (a kill mid-save keeps the previous checkpoint)."""
+    """torch.save a training state atomically (a kill mid-save keeps the previous checkpoint).
+
+    Saved through an open file, not a path: torch names the zip archive's folder after the file it is
+    given, which here is a random temporary name, so the same state would give other bytes each time
+    (and DVC another hash). Through a file object the folder is always `archive`.
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(dict(state), f)
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any] | None:
