@@ -1,5 +1,5 @@
 """biasdd.compute: the stated tolerances of bf16, compiled == eager, chunked == one pass, and the
-fall-back when compiling fails, the CPU allocator's thresholds."""
+fall-back when compiling fails, the CPU allocator's thresholds, the warning of emulated bf16."""
 
 from __future__ import annotations
 
@@ -202,13 +202,57 @@ def test_tuned_allocator_keeps_large_blocks_in_the_heap():
 def test_training_stages_tune_the_allocator_on_the_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(run, "tune_cpu_allocator", lambda: calls.append(True) or True)
-    params = {
+    assert run.run_config(_stage_params("fp32")).device == "cpu"
+    assert calls == [True]
+
+
+def _cpu_probes(monkeypatch, machine: str, avx512_bf16: bool | None, amx: bool | None) -> None:
+    """This process's CPU as `cpu_bf16_native` sees it; a probe of None is missing from torch."""
+    monkeypatch.setattr(compute.platform, "machine", lambda: machine)
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("machine", "avx512_bf16", "amx", "expected"),
+    [
+        ("x86_64", False, False, False),  # AVX2 or AVX-512 without BF16: bf16 emulated
+        ("x86_64", True, False, True),  # Zen 4, Cooper Lake
+        ("AMD64", False, True, True),  # Sapphire Rapids and later (AMX)
+        ("x86_64", None, False, None),  # a torch without the probe: cannot tell
+        ("arm64", False, False, None),  # not x86: cannot tell from these probes
+    ],
+)
+def test_cpu_bf16_native_reads_the_cpu_probes(monkeypatch, machine, avx512_bf16, amx, expected):
+    _cpu_probes(monkeypatch, machine, avx512_bf16, amx)
+    assert compute.cpu_bf16_native() is expected
+
+
+def _stage_params(precision: str) -> dict:
+    return {
         "dataset": "cmnist",
         "seed": 0,
         "budget": "quick",
         "device": "cpu",
         "model": {"net": "convnet3", "width": 8},
-        "compute": {"precision": "fp32", "compile": False},
+        "compute": {"precision": precision, "compile": False},
     }
-    assert run.run_config(params).device == "cpu"
-    assert calls == [True]
+
+
+@pytest.mark.parametrize(
+    ("precision", "native", "warned"),
+    [("bf16", False, True), ("bf16", True, False), ("bf16", None, False), ("fp32", False, False)],
+)
+def test_training_stages_warn_of_bf16_on_a_cpu_without_it(monkeypatch, caplog, precision, native, warned):
+    monkeypatch.setattr(compute, "cpu_bf16_native", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="biasdd.compute"):
+        run.run_config(_stage_params(precision))
+    messages = [r.getMessage() for r in caplog.records if r.name == "biasdd.compute"]
+    if warned:
+        assert messages == [compute.BF16_EMULATED]
+        assert "compute.precision=fp32" in messages[0] and "\n" not in messages[0]  # the key and the fix
+    else:
+        assert messages == []

@@ -23,6 +23,11 @@ fresh pages from the kernel, and hands freed memory at the heap's top back beyon
 training loop's batches and activations can pay their page faults again and again. Fixed thresholds
 keep such blocks in the heap: the same results, less time (the full set's stage 19% less, DC's
 distillation unchanged; benchmarks/RESULTS.md).
+
+bf16 is fast only where the processor computes it: on an x86 CPU without AVX-512 BF16 or AMX (AMD's
+before Zen 4, most Intel processors before Sapphire Rapids, laptops' among them) it is emulated and
+slower than fp32, so a training stage asked for bf16 there warns once, with the fix
+(`warn_if_bf16_emulated`).
 """
 
 from __future__ import annotations
@@ -96,6 +101,38 @@ def tune_cpu_allocator() -> bool:
         mallopt(M_MMAP_THRESHOLD, ALLOCATOR_THRESHOLDS["MALLOC_MMAP_THRESHOLD_"])
         and mallopt(M_TRIM_THRESHOLD, ALLOCATOR_THRESHOLDS["MALLOC_TRIM_THRESHOLD_"])
     )
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU has bf16 instructions (x86: AVX-512 BF16 or AMX), from torch's CPU probes; None
+    where that cannot be told (another architecture, or a torch without the probes)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
+    if any(probe is None for probe in probes):
+        return None
+    return any(probe() for probe in probes)
+
+
+BF16_EMULATED = (
+    "compute.precision is bf16, but this CPU has no bf16 instructions (neither AVX-512 BF16 nor AMX): "
+    "bf16 is emulated here, 2-6x slower than fp32 (benchmarks/RESULTS.md). For speed, run with "
+    "`-S compute.precision=fp32` (e.g. `dvc exp run -S compute.precision=fp32`): its numbers differ "
+    "from bf16's within the tolerance of docs/protocol.md §10"
+)
+
+
+def warn_if_bf16_emulated(compute: ComputeConfig) -> bool:
+    """Log `BF16_EMULATED` (True) when `compute` asks for bf16 on a CPU known to lack bf16 instructions.
+
+    Only a warning: bf16 stays what the params say, so a run's numbers do not depend on the machine's
+    instruction set beyond round-off; the user chooses fp32 for speed.
+    """
+    if compute.precision != "bf16" or cpu_bf16_native() is not False:
+        return False
+    log.warning(BF16_EMULATED)
+    return True
 
 
 class Compiled:

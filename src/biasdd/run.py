@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from biasdd.compute import ComputeConfig, tune_cpu_allocator
+from biasdd.compute import ComputeConfig, tune_cpu_allocator, warn_if_bf16_emulated
 from biasdd.config import Config, NonNegativeInt, PositiveInt, from_dict, section
 from biasdd.data import NUM_CLASSES
 from biasdd.errors import ConfigError
@@ -95,13 +95,15 @@ class RunConfig:
 
 def run_config(params: Mapping[str, Any]) -> RunConfig:
     """Validate the keys every training stage reads; resolve the device. On the CPU, also fix the
-    allocator's thresholds for the process (`biasdd.compute.tune_cpu_allocator`: no result changes)."""
+    allocator's thresholds for the process (`biasdd.compute.tune_cpu_allocator`: no result changes) and
+    warn where bf16 is asked for on a CPU without bf16 instructions (`warn_if_bf16_emulated`)."""
     keys = from_dict(RunKeys, {k: section(params, k) for k in ("dataset", "seed", "budget", "device")}, "")
     model = from_dict(ModelConfig, section(params, "model"), "model")
     compute = from_dict(ComputeConfig, section(params, "compute"), "compute")
     device = resolve_device(keys.device)
     if torch.device(device).type == "cpu":
         tune_cpu_allocator()
+        warn_if_bf16_emulated(compute)
     return RunConfig(keys.dataset, keys.seed, keys.budget, device, model, compute)
 
 
