@@ -155,6 +155,8 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
             r"compute\.precision: 'fp16' is not valid; choose one of",
         ),
         (lambda p: p["distill"].update(repeats=True), r"distill\.repeats: True is not valid"),
+        (lambda p: p["distill"]["dm"].update(repeats=0), r"distill\.dm\.repeats: 0 is not valid; expected"),
+        (lambda p: p["distill"]["dm"].update(repeats="3"), r"distill\.dm\.repeats: '3' is not valid"),
     ],
 )
 def test_distill_stage_rejects_bad_params_in_one_line(tmp_path, biased, edit, message):
@@ -166,6 +168,27 @@ def test_distill_stage_rejects_bad_params_in_one_line(tmp_path, biased, edit, me
     assert len(lines) == 1 and lines[0].startswith("distill: error: "), result.stderr[-2000:]
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+def test_a_method_s_own_repeats_override_the_shared_count(tmp_path, biased):
+    """`distill.<method>.repeats` sets that method's distillations; null or absent: `distill.repeats`."""
+
+    def edit(p):
+        p["distill"]["repeats"] = 1
+        p["distill"]["dm"]["repeats"] = 3
+        p["distill"]["dsa"].pop("repeats")
+
+    params = load_params(_params(tmp_path, edit))
+    assert distillation.configure(params, "dm").shared.repeats == 3
+    assert distillation.configure(params, "dc").shared.repeats == 1  # null in conf/
+    assert distillation.configure(params, "dsa").shared.repeats == 1  # absent
+    # the count is not part of the method's own config (nor so of its checkpoints' fingerprint)
+    assert "repeats" not in distillation.configure(params, "dm").provenance()["config"]
+    out = tmp_path / "dm.h5"
+    _stage("distill", *_distill_args(_params(tmp_path, edit), biased, out, tmp_path / "ck"))
+    groups = io.list_groups(out, kind="synthetic")
+    assert sorted(g for g in groups if g.startswith("repeat_")) == ["repeat_0", "repeat_1", "repeat_2"]
+    assert io.read_attrs(out, kind="synthetic")["repeats"] == 3
 
 
 def test_debug_switch_keeps_the_traceback(tmp_path, biased):

@@ -1,7 +1,8 @@
 """The `distill@<method>` stage: params -> checked configs, biased.h5 -> synthetic sets -> artifact.
 
 `configure(params, method)` validates every param the stage reads, before any work; `run` distils
-`distill.repeats` synthetic sets (each its own derived seed), resuming from checkpoints;
+`distill.repeats` synthetic sets (or `distill.<method>.repeats` where that is set; each its own derived
+seed), resuming from checkpoints;
 `synthetic_groups` and `loss_table` lay out `data/synthetic/<method>.h5` and the loss curve CSV.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from biasdd import io
 from biasdd.augment import DSAConfig, dsa_config
-from biasdd.config import Config, NonNegativeInt, PositiveInt, derive_seed, from_dict, section
+from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, derive_seed, from_dict, section
 from biasdd.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
 from biasdd.debias import DebiasConfig, debias_targets
 from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
@@ -38,7 +39,8 @@ class DistillShared(Config):
 
     SECTION: ClassVar[str] = "distill"
 
-    repeats: PositiveInt  # distillations per method, each with its own derived seed
+    repeats: PositiveInt  # distillations of this method, each with its own derived seed: `distill.repeats`,
+    # or `distill.<method>.repeats` where that is set (not null)
     checkpoint_every: NonNegativeInt  # outer iterations between checkpoints (0 = never)
 
 
@@ -69,10 +71,18 @@ def configure(params: Mapping[str, Any], method: str) -> DistillSetup:
     if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not valid; choose one of {sorted(METHODS)}")
     run = run_config(params)
-    cfg = from_dict(METHODS[method].config, section(params, "distill", method), f"distill.{method}")
+    values = section(params, "distill", method)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"distill.{method}: expected a mapping of keys, got {values!r}")
+    values = dict(values)
+    # every method may override the shared count; absent or null: `distill.repeats`
+    own_repeats = check_value(f"distill.{method}.repeats", values.pop("repeats", None), PositiveInt | None)
+    cfg = from_dict(METHODS[method].config, values, f"distill.{method}")
     shared = from_dict(
         DistillShared, {k: section(params, "distill", k) for k in ("repeats", "checkpoint_every")}, "distill"
     )
+    if own_repeats is not None:
+        shared = dataclasses.replace(shared, repeats=own_repeats)
     dsa = dsa_config(params, run.dataset) if METHODS[method].uses_dsa else None
     debias = from_dict(DebiasConfig, section(params, "debias"), "debias")
     return DistillSetup(method, run, cfg, dsa, shared, debias)
