@@ -357,6 +357,19 @@ def test_a_method_param_changes_only_that_methods_cells(tmp_path):
     assert variant["DC"]["CMNIST-DD rho=0.95"] == ""  # the reference's DC is not this variant's
 
 
+def test_a_null_param_and_an_absent_one_are_the_same_settings(tmp_path):
+    """Regression: a key added to conf/ as null (the default: `distill.dm.repeats`) made every run of an
+    older commit, which lacks the key, a variant (`quick~distill.dm.repeats=unset`) of the same settings."""
+    base = _row("a" * 40, "master", "2026-01-02T10:00:00", _all(0.5), _with(**{"dm.repeats": None}))
+    older = _row("b" * 40, "older", "2026-01-01T10:00:00", _all(0.2), _with(), bias_ratio=1.0)
+    written = report.write_report(_exp_show(older, baseline=base), tmp_path)
+    assert list(written) == ["quick"]
+    assert _csv(tmp_path / "quick/table1_test_conflicting.csv")["DM"]["CMNIST-DD rho=1"] == "22.00 +- 1.00"
+    own = _row("c" * 40, "own", "2026-01-03T10:00:00", _all(0.7), _with(**{"dm.repeats": 3}), bias_ratio=1.0)
+    written = report.write_report(_exp_show(older, own, baseline=base), tmp_path / "b")
+    assert sorted(written) == ["quick", "quick~distill.dm.repeats=3"]  # a value that is set still counts
+
+
 def test_params_that_change_no_number_make_no_variant(tmp_path):
     """Which methods ran, the device, checkpoints, compile: one table (a DM-only run on a GPU included)."""
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())

@@ -147,6 +147,8 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
         dotted = f"{prefix}{key}"
+        if value is None:  # null is a param's default, as its absence is (a key newer than a run's commit)
+            continue
         if isinstance(value, Mapping) and value:
             flat.update(_flatten(value, f"{dotted}."))
         else:
