@@ -182,8 +182,9 @@ def test_a_method_s_own_repeats_override_the_shared_count(tmp_path, biased):
     assert distillation.configure(params, "dm").shared.repeats == 3
     assert distillation.configure(params, "dc").shared.repeats == 1  # null in conf/
     assert distillation.configure(params, "dsa").shared.repeats == 1  # absent
-    # the count is not part of the method's own config (nor so of its checkpoints' fingerprint)
-    assert "repeats" not in distillation.configure(params, "dm").provenance()["config"]
+    # the count is recorded once, as the shared field, not inside the method's own config
+    provenance = distillation.configure(params, "dm").provenance()
+    assert provenance["repeats"] == 3 and "repeats" not in provenance["config"]
     out = tmp_path / "dm.h5"
     _stage("distill", *_distill_args(_params(tmp_path, edit), biased, out, tmp_path / "ck"))
     groups = io.list_groups(out, kind="synthetic")
