@@ -140,7 +140,7 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
         ),
         (
             lambda p: p["distill"]["dm"].update(lr=1.0),
-            r"distill\.dm: unknown key\(s\) \['distill\.dm\.lr'\]",
+            r"distill\.dm: unknown key\(s\) \['distill\.dm\.lr'\]; valid keys are \[.*'repeats'",
         ),
         (
             lambda p: p["model"].update(net="resnet"),
