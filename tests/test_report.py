@@ -725,3 +725,58 @@ def test_queue_run_and_report_tiny(tmp_path):
         (r[3], r[4]) for r in csv.reader(io.StringIO((variant / "cells.csv").read_text())) if r[4] == "full"
     }
     assert full == {("1", "full"), ("2", "full")}  # both experiments' full sets: the same settings
+
+
+def _grid(values: dict[tuple[float, str], tuple[float, float]]) -> dict[tuple, report.Cell]:
+    """Table 1 cells of CMNIST-DD (quick, severity 4, test_conflicting): {(ratio, name): (mean %, std %)}."""
+    cells = {}
+    for (ratio, name), (mean, std) in values.items():
+        cell = report.Cell(
+            "quick", "cmnist", ratio, 4, name, "test_conflicting", mean / 100, std / 100, 3, "exp", None
+        )
+        cells[cell.position] = cell
+    return cells
+
+
+# The quick budget's Table 1 as README reports it (the cells the four findings rest on).
+QUICK_TABLE1 = {
+    (0.1, "dc"): (88.97, 1.06), (0.1, "dsa"): (91.86, 0.75), (0.1, "dm"): (92.38, 0.61),
+    (0.1, "full"): (98.70, 0.0), (0.95, "dc"): (17.03, 1.85), (0.95, "dsa"): (14.20, 2.17),
+    (0.95, "dm"): (13.40, 1.56), (0.95, "full"): (87.53, 0.0), (1.0, "dc"): (8.58, 0.26),
+    (1.0, "dsa"): (11.48, 1.58), (1.0, "dm"): (9.54, 0.65), (1.0, "full"): (5.02, 0.0),
+}  # fmt: skip
+
+
+def test_findings_state_each_margin_and_flag_those_inside_the_spread():
+    found = report.findings(_grid(QUICK_TABLE1), "quick")
+    assert [f.verdict for f in found] == [
+        "reproduced: by 2.53 points",
+        "reproduced: by 0.27 points, less than the spread (1.06)",
+        "reproduced: by 0.80 points, less than the spread (2.17)",
+        "reproduced: by 3.52 points",
+    ]
+    assert found[1].values.startswith("DC 88.97 ± 1.06, DSA 91.86 ± 0.75")
+
+
+def test_findings_say_what_misses_and_what_was_not_measured(tmp_path):
+    one_dc = {**QUICK_TABLE1, (0.1, "dc"): (87.85, 0.61)}  # the one-distillation default's DC
+    del one_dc[(1.0, "full")]
+    found = report.findings(_grid(one_dc), "quick")
+    assert found[1].verdict == "not reproduced: misses by 0.85 points"
+    assert found[3].verdict == "not measured (a cell is missing)" and "Full set -" in found[3].values
+    dm_above = {**QUICK_TABLE1, (0.95, "dm"): (15.00, 1.0)}
+    assert report.findings(_grid(dm_above), "quick")[2].verdict == "not reproduced: misses by 0.80 points"
+    text = report.findings_markdown(found, "quick")
+    assert "budget: quick (REDUCED budget" in text and "| rho 0.1: every method within 10 points" in text
+
+
+def test_report_writes_the_findings_beside_table_1(tmp_path):
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
+    written = report.write_report(_exp_show(baseline=base), tmp_path)
+    path = tmp_path / "quick/findings_cmnist.md"
+    assert path in written["quick"]
+    text = path.read_text()
+    # the rows' numbers (_all: DC 50, DSA 51, DM 52, full 53 at rho 0.95 only): DM is not below DSA
+    assert "| DC 50.00 ± 1.00, DSA 51.00 ± 1.00, DM 52.00 ± 1.00 |" in text
+    assert "not reproduced: misses by 2.00 points" in text
+    assert "rho 0.1: every method within 10 points of the full set" in text and "not measured" in text

@@ -28,6 +28,10 @@ Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/
 - `table2_<split>.md` / `.csv`: DM at bias ratios 0 and 1.0 (rows, per dataset) x severities 1-4.
 - `curves_<dataset>.png`: accuracy vs bias ratio per method with error bars (std), the full set too,
   at severity 4, one panel per test split.
+- `findings_cmnist.md`: the four findings of docs/protocol.md §8 a CMNIST-DD Table 1 shows (the full set
+  high at rho 0.95, every method within 10 points of it at rho 0.1, DM below DC and DSA at rho 0.95,
+  every model at most 5 points above chance at rho 1.0), each reproduced or not, by how much, and
+  whether that margin is smaller than the spread of the cells it rests on.
 - `cells.csv`: every cell found, long form, with the experiment it came from.
 - `settings.json`: the settings the folder's cells were made with, and how they differ from the reference.
 
@@ -802,6 +806,85 @@ def curves_figure(
     _save(fig, path)
 
 
+# --- the study's findings on CMNIST-DD (docs/protocol.md §8), checked on a folder's Table 1 -------------
+
+CHANCE = 0.10  # ten classes
+NEAR_CHANCE = 0.05  # "near or below chance": at most chance + 5 points (our reading of §8)
+FULL_HIGH = 0.85  # "the full set stays high" at rho 0.95
+NEAR_FULL = 0.10  # "near the full set" at rho 0.1: within 10 points
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One of the study's findings against a table's cells: how far it holds, and the spread behind it."""
+
+    claim: str
+    values: str  # the cells it rests on, as they read in the table
+    margin: float | None  # fraction; >= 0: it holds; None: a cell is missing
+    spread: float  # the largest std (fraction) among its cells
+
+    @property
+    def verdict(self) -> str:
+        if self.margin is None:
+            return "not measured (a cell is missing)"
+        if self.margin < 0:
+            return f"not reproduced: misses by {100 * -self.margin:.2f} points"
+        thin = f", less than the spread ({100 * self.spread:.2f})" if self.margin < self.spread else ""
+        return f"reproduced: by {100 * self.margin:.2f} points{thin}"
+
+
+def findings(cells: Mapping[tuple, Cell], budget: str, split: str = "test_conflicting") -> list[Finding]:
+    """The four findings of §8 a CMNIST-DD Table 1 can show, each with its margin (README, Results)."""
+
+    def get(ratio: float, name: str) -> Cell | None:
+        return cells.get((budget, "cmnist", ratio, TABLE1_SEVERITY, name, split))
+
+    def check(claim: str, ratio: float, names: Sequence[str], margin: Any) -> Finding:
+        found = {n: get(ratio, n) for n in names}
+        values = ", ".join(f"{ROW_NAMES[n]} {_fmt_cell(c, '±') or '-'}" for n, c in found.items())
+        if any(c is None for c in found.values()):
+            return Finding(claim, values, None, 0.0)
+        spread = max(c.std for c in found.values() if c is not None)
+        return Finding(claim, values, margin({n: c.mean for n, c in found.items() if c is not None}), spread)
+
+    methods = list(METHODS)
+    return [
+        check("rho 0.95: the full set stays high (>= 85%)", 0.95, ["full"], lambda v: v["full"] - FULL_HIGH),
+        check(
+            "rho 0.1: every method within 10 points of the full set",
+            0.1,
+            [*methods, "full"],
+            lambda v: NEAR_FULL - max(v["full"] - v[m] for m in methods),
+        ),
+        check(
+            "rho 0.95: DM below both DC and DSA",
+            0.95,
+            methods,
+            lambda v: min(v["dc"], v["dsa"]) - v["dm"],
+        ),
+        check(
+            "rho 1.0: every model near or below chance (<= 15%)",
+            1.0,
+            [*methods, "full"],
+            lambda v: CHANCE + NEAR_CHANCE - max(v.values()),
+        ),
+    ]
+
+
+def findings_markdown(found: Sequence[Finding], budget: str, variant: str = "") -> str:
+    title = (
+        f"**The study's findings on CMNIST-DD (docs/protocol.md §8), severity {TABLE1_SEVERITY}, "
+        f"{SPLIT_TITLES['test_conflicting']}; {_budget_title(budget, variant)}**"
+    )
+    lines = [title, "", "| finding | cells (%) | |", "|---|---|---|"]
+    lines += [f"| {f.claim} | {f.values} | {f.verdict} |" for f in found]
+    note = (
+        "A margin smaller than the spread (the largest std over the networks of the cells it rests on) "
+        "is one a seed can move: read it as consistent with the study, not as a measured gap."
+    )
+    return "\n".join([*lines, "", note]) + "\n"
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 
@@ -835,6 +918,10 @@ def write_report(
                     path = folder / f"{table.name}{suffix}"
                     _write_text(path, text)
                     files.append(path)
+        if any(c.dataset == "cmnist" for c in view.values()):
+            path = folder / "findings_cmnist.md"
+            _write_text(path, findings_markdown(findings(view, budget), budget, note))
+            files.append(path)
         for dataset in sorted({c.dataset for c in view.values()}):
             path = folder / f"curves_{dataset}.png"
             curves_figure(view, budget, dataset, path, note)
