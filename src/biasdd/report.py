@@ -55,7 +55,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -833,13 +833,15 @@ class Finding:
         return f"reproduced: by {100 * self.margin:.2f} points{thin}"
 
 
-def findings(cells: Mapping[tuple, Cell], budget: str, split: str = "test_conflicting") -> list[Finding]:
-    """The four findings of §8 a CMNIST-DD Table 1 can show, each with its margin (README, Results)."""
+def findings(cells: Mapping[tuple, Cell], budget: str) -> list[Finding]:
+    """The four findings of §8 CMNIST-DD's Table 1 on test_conflicting can show, each with its margin."""
 
     def get(ratio: float, name: str) -> Cell | None:
-        return cells.get((budget, "cmnist", ratio, TABLE1_SEVERITY, name, split))
+        return cells.get((budget, "cmnist", ratio, TABLE1_SEVERITY, name, "test_conflicting"))
 
-    def check(claim: str, ratio: float, names: Sequence[str], margin: Any) -> Finding:
+    def check(
+        claim: str, ratio: float, names: Sequence[str], margin: Callable[[dict[str, float]], float]
+    ) -> Finding:
         found = {n: get(ratio, n) for n in names}
         values = ", ".join(f"{ROW_NAMES[n]} {_fmt_cell(c, '±') or '-'}" for n, c in found.items())
         if any(c is None for c in found.values()):
