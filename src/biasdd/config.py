@@ -20,7 +20,7 @@ import logging
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -188,18 +188,21 @@ def key_of(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def from_dict(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str, read_apart: Iterable[str] = ()) -> T:
     """Build the frozen dataclass `cls` from the params section `values` (found at key `where`; "" =
-    the top level), rejecting unknown and missing keys and values that do not fit the annotations."""
+    the top level), rejecting unknown and missing keys and values that do not fit the annotations.
+    `read_apart`: optional keys of the section that the caller reads itself; valid, not passed to `cls`."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where or 'params'}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
+    apart = set(read_apart)
+    unknown = sorted(set(values) - set(fields) - apart)
     if unknown:
         raise UnknownKeyError(
             f"{where or 'params'}: unknown key(s) {[key_of(where, k) for k in unknown]}; "
-            f"valid keys are {sorted(fields)}"
+            f"valid keys are {sorted(set(fields) | apart)}"
         )
+    values = {k: v for k, v in values.items() if k not in apart}
     missing = [
         name
         for name, f in fields.items()

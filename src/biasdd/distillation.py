@@ -27,7 +27,7 @@ from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, deri
 from biasdd.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
 from biasdd.debias import DebiasConfig, debias_targets
 from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
-from biasdd.errors import ArtifactError, ConfigError, UnknownKeyError
+from biasdd.errors import ArtifactError, ConfigError
 from biasdd.run import RunConfig, net_factory, run_config
 
 log = logging.getLogger(__name__)
@@ -72,19 +72,9 @@ def configure(params: Mapping[str, Any], method: str) -> DistillSetup:
         raise ConfigError(f"method: {method!r} is not valid; choose one of {sorted(METHODS)}")
     run = run_config(params)
     values = section(params, "distill", method)
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"distill.{method}: expected a mapping of keys, got {values!r}")
-    values = dict(values)
+    cfg = from_dict(METHODS[method].config, values, f"distill.{method}", read_apart=("repeats",))
     # every method may override the shared count; absent or null: `distill.repeats`
-    valid = sorted({f.name for f in dataclasses.fields(METHODS[method].config)} | {"repeats"})
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise UnknownKeyError(
-            f"distill.{method}: unknown key(s) {[f'distill.{method}.{k}' for k in unknown]}; "
-            f"valid keys are {valid}"
-        )
-    own_repeats = check_value(f"distill.{method}.repeats", values.pop("repeats", None), PositiveInt | None)
-    cfg = from_dict(METHODS[method].config, values, f"distill.{method}")
+    own_repeats = check_value(f"distill.{method}.repeats", values.get("repeats"), PositiveInt | None)
     shared = from_dict(
         DistillShared, {k: section(params, "distill", k) for k in ("repeats", "checkpoint_every")}, "distill"
     )
