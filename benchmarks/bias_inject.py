@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from biasdd.bias import BiasConfig, CMNISTConfig, assign_attributes, default_workers, inject
-from biasdd.config import from_dict, load_params
-from biasdd.sources import load_base
+from biasdd.config import from_dict
+from biasdd.params import load_params
+from biasdd.pipeline.bias_inject import BiasConfig, CMNISTConfig, assign_attributes, default_workers, inject
+from biasdd.pipeline.download import load_base
 
 ROOT = Path(__file__).resolve().parents[1]
 

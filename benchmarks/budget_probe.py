@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from biasdd.augment import DCAugConfig, DSAConfig, dc_augment, dsa_augment
-from biasdd.compute import ComputeConfig
-from biasdd.data import NUM_CLASSES, load_split, train_stats
 from biasdd.distill import METHODS
-from biasdd.evaluate import evaluate_ensemble
-from biasdd.nets import build_network
-from biasdd.train import TrainConfig, train_networks
+from biasdd.pipeline.evaluate import evaluate_ensemble
+from biasdd.training.augment import DCAugConfig, DSAConfig, dc_augment, dsa_augment
+from biasdd.training.compute import ComputeConfig
+from biasdd.training.data import NUM_CLASSES, load_split, train_stats
+from biasdd.training.nets import build_network
+from biasdd.training.trainer import TrainConfig, train_networks
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from biasdd.augment import DSAConfig
-from biasdd.compute import ComputeConfig
 from biasdd.distill import METHODS
-from biasdd.nets import build_network
+from biasdd.training.augment import DSAConfig
+from biasdd.training.compute import ComputeConfig
+from biasdd.training.nets import build_network
 
 NUM_CLASSES = 10
 SHAPES = {"mnist": (3, 28), "cifar": (3, 32)}

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import biasdd.compute as compute
-import biasdd.nets as nets
+import biasdd.training.compute as compute
+import biasdd.training.nets as nets
 
 sys.path.insert(0, str(Path(__file__).parent))
 import profile_cpu  # noqa: E402 (benchmarks/ is not a package)

@@ -1,4 +1,5 @@
-"""Speed of evaluation training (biasdd.evaluate.train_networks) on random data of the protocol's shapes.
+"""Speed of evaluation training (`biasdd.training.trainer.train_networks`) on random data of the
+protocol's shapes.
 
 (a) synthetic set: R networks trained at once for E epochs on 500 images of 3x32x32 (IPC 50 x 10
     classes; 2 batches of 256 per epoch), projected to the protocol's 1000 epochs;
@@ -26,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from biasdd.compute import FP32, ComputeConfig
-from biasdd.nets import build_network
-from biasdd.train import TrainConfig, train_networks
+from biasdd.training.compute import FP32, ComputeConfig
+from biasdd.training.nets import build_network
+from biasdd.training.trainer import TrainConfig, train_networks
 
 NUM_CLASSES = 10
 SYNTHETIC_N = 500  # IPC 50 x 10 classes

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from biasdd import distillation, evaluate, io
+from biasdd import artifacts
+from biasdd.pipeline import distill as distill_stage
+from biasdd.pipeline import evaluate
 
 
 def synchronize(device: str) -> None:
@@ -43,14 +45,14 @@ def main() -> None:
         params["model"]["width"] = 8
         params["distill"]["dm"].update(ipc=2, batch_real=8)
         params["evaluate"]["synthetic"]["schedule"]["cmnist"]["dm"].update(epochs=4, lr_milestones=[2])
-    attrs = io.read_attrs(args.data, kind="biased")
+    attrs = artifacts.read_attrs(args.data, kind="biased")
     assert attrs["bias_ratio"] == 0.95 and attrs["dataset"] == "cmnist", attrs
 
-    setup = distillation.configure(params, "dm")
+    setup = distill_stage.configure(params, "dm")
     probe = 2 if args.smoke else 50
     start = time.perf_counter()
-    distillation.run(
-        distillation.DistillSetup(
+    distill_stage.run(
+        distill_stage.DistillSetup(
             "dm",
             setup.run,
             type(setup.cfg)(**{**setup.cfg.__dict__, "iterations": probe}),
@@ -66,14 +68,17 @@ def main() -> None:
     per_iteration = (time.perf_counter() - start) / probe  # includes set-up: an upper bound
     iterations = max(probe, int(args.seconds / per_iteration))
     cfg = type(setup.cfg)(**{**setup.cfg.__dict__, "iterations": iterations})
-    run_setup = distillation.DistillSetup("dm", setup.run, cfg, setup.dsa, setup.shared, setup.debias)
+    run_setup = distill_stage.DistillSetup("dm", setup.run, cfg, setup.dsa, setup.shared, setup.debias)
     start = time.perf_counter()
-    results, mean, std = distillation.run(run_setup, args.data, None, progress=False)
+    results, mean, std = distill_stage.run(run_setup, args.data, None, progress=False)
     synchronize(args.device)
     distill_seconds = time.perf_counter() - start
     synthetic = args.work / "dm.h5"
-    io.write_h5(
-        synthetic, distillation.synthetic_groups(results, mean, std), run_setup.provenance(), kind="synthetic"
+    artifacts.write_h5(
+        synthetic,
+        distill_stage.synthetic_groups(results, mean, std),
+        run_setup.provenance(),
+        kind="synthetic",
     )
 
     eval_setup = evaluate.configure(params, "dm")

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from biasdd import bias_model
-from biasdd.augment import DSAConfig, dsa_augment
-from biasdd.compute import ComputeConfig, NetworkRunner
 from biasdd.distill import dc, dm
-from biasdd.nets import build_network
+from biasdd.pipeline import bias_model
+from biasdd.training.augment import DSAConfig, dsa_augment
+from biasdd.training.compute import ComputeConfig, NetworkRunner
+from biasdd.training.nets import build_network
 
 K, IPC, BATCH_REAL, WIDTH, SIZE = 10, 10, 64, 32, 28
 DSA = DSAConfig("color_crop_cutout_scale_rotate", 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)

@@ -24,8 +24,8 @@ the per-class reference, timed in a process where biasdd had not yet run, measur
 iteration, and 0.13-0.15 s once biasdd's large blocks had been freed, a state biasdd itself always runs
 in. To time both sides in the same state the script re-runs itself with glibc's thresholds fixed
 (`MALLOC_MMAP_THRESHOLD_` 32 MiB, `MALLOC_TRIM_THRESHOLD_` 64 MiB: the values biasdd's training stages
-set on the CPU, `biasdd.compute.tune_cpu_allocator`); `--default-allocator` keeps the environment as it
-is (benchmarks/RESULTS.md has both).
+set on the CPU, `biasdd.training.compute.tune_cpu_allocator`); `--default-allocator` keeps the
+environment as it is (benchmarks/RESULTS.md has both).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from biasdd import compute
-from biasdd.augment import DSAConfig, dsa_augment
-from biasdd.compute import ComputeConfig
 from biasdd.distill import METHODS
-from biasdd.nets import build_network
+from biasdd.training import compute
+from biasdd.training.augment import DSAConfig, dsa_augment
+from biasdd.training.compute import ComputeConfig
+from biasdd.training.nets import build_network
 
 K = 10
 ALLOCATOR_ENV = {name: str(value) for name, value in compute.ALLOCATOR_THRESHOLDS.items()}

@@ -32,16 +32,18 @@ NOW = Path(__file__).resolve().parents[1] / "src"
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from biasdd.augment import DSAConfig, dsa_augment
-    from biasdd.nets import build_network
+    from biasdd.training.augment import DSAConfig, dsa_augment
+    from biasdd.training.nets import build_network
 
     try:  # this version
-        from biasdd.compute import ComputeConfig
-        from biasdd.train import TrainConfig, train_networks
+        from biasdd.training.compute import ComputeConfig
+        from biasdd.training.trainer import TrainConfig, train_networks
 
         extra = {"compute": ComputeConfig(args.precision, bool(args.compile))}
-    except ImportError:  # the earlier version: training lived in biasdd.evaluate, no compute settings
-        from biasdd.evaluate import TrainConfig, train_networks
+    except (
+        ImportError
+    ):  # the earlier version: training lived in biasdd.pipeline.evaluate, no compute settings
+        from biasdd.pipeline.evaluate import TrainConfig, train_networks
 
         extra = {}
     dsa = DSAConfig("color_crop_cutout_scale_rotate", 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)

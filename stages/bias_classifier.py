@@ -17,14 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import amplification, io
-from biasdd.config import load_params, setup_logging
-from biasdd.errors import run_stage
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.params import load_params
+from biasdd.pipeline import bias_classifier
 
 
-def configure(params: Mapping[str, Any], item: str | None = None) -> amplification.ClassifierSetup:
+def configure(params: Mapping[str, Any], item: str | None = None) -> bias_classifier.ClassifierSetup:
     """Every param this stage reads, checked."""
-    return amplification.configure(params)
+    return bias_classifier.configure(params)
 
 
 def main() -> None:
@@ -37,12 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params))  # validates before any work
-    io.check_artifact(args.data, "biased")
-    checkpoint, metrics, details = amplification.run(setup, args.data)
-    version = io.code_version()
-    io.save_checkpoint(args.out, {**checkpoint, "code_version": version})
-    io.write_json(args.metrics, metrics)
-    io.write_json(args.details, {**details, "code_version": version})
+    artifacts.check_artifact(args.data, "biased")
+    checkpoint, metrics, details = bias_classifier.run(setup, args.data)
+    version = artifacts.code_version()
+    artifacts.save_checkpoint(args.out, {**checkpoint, "code_version": version})
+    artifacts.write_json(args.metrics, metrics)
+    artifacts.write_json(args.details, {**details, "code_version": version})
 
 
 if __name__ == "__main__":

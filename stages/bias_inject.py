@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import io
-from biasdd.bias import BiasConfig, CMNISTConfig, build_biased, default_workers
-from biasdd.config import from_dict, load_params, section, setup_logging
-from biasdd.errors import ArtifactError, run_stage
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.config import from_dict, section
+from biasdd.errors import ArtifactError
+from biasdd.params import load_params
+from biasdd.pipeline.bias_inject import BiasConfig, CMNISTConfig, build_biased, default_workers
 
 
 def configure(params: Mapping[str, Any], item: str | None = None) -> tuple[BiasConfig, CMNISTConfig | None]:
@@ -34,15 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     cfg, cmnist = configure(load_params(args.params))
-    io.check_artifact(args.base, "base")
-    base_attrs = io.read_attrs(args.base, kind="base")
+    artifacts.check_artifact(args.base, "base")
+    base_attrs = artifacts.read_attrs(args.base, kind="base")
     if base_attrs.get("dataset") != cfg.dataset:
         raise ArtifactError(
             f"{args.base} holds dataset {base_attrs.get('dataset')!r} but params say {cfg.dataset!r}: "
             "rebuild it with `dvc repro download`"
         )
-    train = io.read_h5(args.base, "train", kind="base")
-    test = io.read_h5(args.base, "test", kind="base")
+    train = artifacts.read_h5(args.base, "train", kind="base")
+    test = artifacts.read_h5(args.base, "test", kind="base")
     splits = build_biased(
         train["images"],
         train["labels"],
@@ -55,10 +57,10 @@ def main() -> None:
     provenance = {
         "config": dataclasses.asdict(cfg),
         "cmnist": dataclasses.asdict(cmnist) if cmnist else None,
-        "code_version": io.code_version(),
+        "code_version": artifacts.code_version(),
         **dataclasses.asdict(cfg),
     }
-    io.write_h5(args.out, splits, provenance, kind="biased")
+    artifacts.write_h5(args.out, splits, provenance, kind="biased")
 
 
 if __name__ == "__main__":

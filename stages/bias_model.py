@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import bias_model, io
-from biasdd.config import load_params, setup_logging
-from biasdd.errors import run_stage
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.params import load_params
+from biasdd.pipeline import bias_model
 
 
 def configure(params: Mapping[str, Any], item: str | None = None) -> bias_model.BiasModelSetup:
@@ -32,10 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params))  # validates before any work
-    io.check_artifact(args.data, "biased")
+    artifacts.check_artifact(args.data, "biased")
     groups = bias_model.run(setup, args.data)
-    provenance = {**setup.provenance(), "code_version": io.code_version()}
-    io.write_h5(args.out, groups, provenance, kind="bias_model")
+    provenance = {**setup.provenance(), "code_version": artifacts.code_version()}
+    artifacts.write_h5(args.out, groups, provenance, kind="bias_model")
 
 
 if __name__ == "__main__":

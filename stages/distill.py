@@ -15,14 +15,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import distillation, io
-from biasdd.config import load_params, setup_logging
-from biasdd.errors import run_stage
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.params import load_params
+from biasdd.pipeline import distill as distill_stage
+from biasdd.training.runtime import resolve_device
 
 
-def configure(params: Mapping[str, Any], item: str | None = None) -> distillation.DistillSetup:
+def configure(params: Mapping[str, Any], item: str | None = None) -> distill_stage.DistillSetup:
     """Every param this stage reads, checked (`item` = the method)."""
-    return distillation.configure(params, str(item))
+    return distill_stage.configure(params, str(item))
 
 
 def main() -> None:
@@ -37,23 +39,25 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params), args.method)  # validates before any work
-    io.check_artifact(args.data, "biased")
+    artifacts.check_artifact(args.data, "biased")
     bias_model = args.bias_model if setup.debias.mode == "inferred" else None
     if bias_model is not None:
-        io.check_artifact(bias_model, "bias_model")
-    results, mean, std = distillation.run(setup, args.data, args.checkpoints, bias_model_path=bias_model)
-    data_attrs = io.read_attrs(args.data, kind="biased")
+        artifacts.check_artifact(bias_model, "bias_model")
+    results, mean, std = distill_stage.run(setup, args.data, args.checkpoints, bias_model_path=bias_model)
+    data_attrs = artifacts.read_attrs(args.data, kind="biased")
     provenance = {
         **setup.provenance(),
-        "device": setup.run.device,
+        "device": resolve_device(setup.run.device),  # the lease run() took
         "bias_ratio": data_attrs.get("bias_ratio"),
         "severity": data_attrs.get("severity"),
-        "code_version": io.code_version(),
+        "code_version": artifacts.code_version(),
     }
-    io.write_h5(args.out, distillation.synthetic_groups(results, mean, std), provenance, kind="synthetic")
-    io.write_text(args.loss, distillation.loss_table(results))
+    artifacts.write_h5(
+        args.out, distill_stage.synthetic_groups(results, mean, std), provenance, kind="synthetic"
+    )
+    artifacts.write_text(args.loss, distill_stage.loss_table(results))
     for repeat in range(setup.shared.repeats):  # done: the checkpoints are spent
-        distillation.checkpoint_path(args.checkpoints, setup.method, repeat).unlink(missing_ok=True)
+        distill_stage.checkpoint_path(args.checkpoints, setup.method, repeat).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

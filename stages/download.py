@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import io
-from biasdd.config import load_params, setup_logging
-from biasdd.errors import run_stage
-from biasdd.sources import DownloadConfig, base_groups, load_base
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.params import load_params
+from biasdd.pipeline.download import DownloadConfig, base_groups, load_base
 
 
 def configure(params: Mapping[str, Any], item: str | None = None) -> DownloadConfig:
@@ -33,7 +33,7 @@ def main() -> None:
     cfg = configure(load_params(args.params))  # validates everything before any work
     base = load_base(cfg.dataset, cfg.mirror, args.embedded, Path(cfg.cache_dir))
     groups, attrs = base_groups(base, cfg)
-    io.write_h5(args.out, groups, {**attrs, "code_version": io.code_version()}, kind="base")
+    artifacts.write_h5(args.out, groups, {**attrs, "code_version": artifacts.code_version()}, kind="base")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from biasdd import evaluate, io
-from biasdd.config import load_params, setup_logging
-from biasdd.errors import run_stage
+from biasdd import artifacts
+from biasdd.cli import run_stage, setup_logging
+from biasdd.params import load_params
+from biasdd.pipeline import evaluate
 
 
 def configure(params: Mapping[str, Any], item: str | None = None) -> evaluate.EvalSetup:
@@ -46,14 +47,14 @@ def main() -> None:
     setup_logging()
     full = args.name == evaluate.FULL
     setup = configure(load_params(args.params), None if full else args.name)  # validates before any work
-    io.check_artifact(args.data, "biased")
+    artifacts.check_artifact(args.data, "biased")
     if not full:
-        io.check_artifact(args.train, "synthetic")
-    io.check_artifact(args.bias_classifier, "bias_classifier")
+        artifacts.check_artifact(args.train, "synthetic")
+    artifacts.check_artifact(args.bias_classifier, "bias_classifier")
     results = evaluate.run(
         setup, args.data, None if full else args.train, bias_classifier_path=args.bias_classifier
     )
-    results["code_version"] = io.code_version()
+    results["code_version"] = artifacts.code_version()
     files = evaluate.metrics_files(results)
     name = setup.name
     targets = {
@@ -63,7 +64,7 @@ def main() -> None:
         f"details/{name}.json": args.details,
     }
     for key, path in targets.items():
-        io.write_json(path, files[key])
+        artifacts.write_json(path, files[key])
 
 
 if __name__ == "__main__":

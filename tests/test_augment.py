@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biasdd.augment import DSA_OPS, DCAugConfig, DSAConfig, _dc_scale, dc_augment, dsa_augment
+from biasdd.training.augment import DSA_OPS, DCAugConfig, DSAConfig, _dc_scale, dc_augment, dsa_augment
 
 SIZE = 16
 

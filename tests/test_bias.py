@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biasdd.bias import (
+from biasdd.params import load_params
+from biasdd.pipeline.bias_inject import (
     BiasConfig,
     CMNISTConfig,
     assign_attributes,
@@ -12,7 +13,6 @@ from biasdd.bias import (
     colour_chunk,
     inject,
 )
-from biasdd.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

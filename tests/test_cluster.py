@@ -1,4 +1,5 @@
-"""biasdd.cluster: the study's grid on a real two-node Ray cluster, the experiments sent back through DVC.
+"""biasdd.study.cluster: the study's grid on a real two-node Ray cluster, the experiments sent back
+through DVC.
 
 Unit tests first (no cluster, about a second): the worker's command, cell selection, the status file, and
 failed cells under the report's tables.
@@ -36,7 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from biasdd import cluster, grid, report
+from biasdd import vocab
+from biasdd.study import cluster, grid, report, tables, tools
 
 from .test_sharing import ACCESS_KEY, BUCKET, SECRET_KEY, _free_ports, seaweedfs
 from .tiny import make_repo, tiny
@@ -50,7 +52,7 @@ CELLS = [
     for ratio, severity in POINTS
 ]
 BAD_CELL = grid.GridCell("cmnist", 1.5, 4, "quick", methods=grid.SWEEP_METHODS)  # bias_inject rejects it
-TABLES = [f"table{t}_{split}.{ext}" for t in (1, 2) for split in report.SPLITS for ext in ("csv", "md")]
+TABLES = [f"table{t}_{split}.{ext}" for t in (1, 2) for split in vocab.TEST_SPLITS for ext in ("csv", "md")]
 
 
 # --- unit tests ----------------------------------------------------------------------------------------
@@ -91,14 +93,14 @@ def test_status_file_merges_and_report_lists_failed_cells(tmp_path):
     cluster.write_status(status, [bad])  # a later run adds its cells, keeps the others
     records = cluster.read_status(status)
     assert records[ok.name]["state"] == "success" and records[ok.name]["attempts"] == 2
-    failed = report.read_failed_cells(status)
+    failed = tables.read_failed_cells(status)
     assert [r["name"] for r in failed] == [BAD_CELL.name]
     sweep = grid.GridCell("cmnist", 1.0, 2, "quick", methods=grid.SWEEP_METHODS)
     cluster.write_status(status, [cluster.CellResult.for_cell(sweep, "failed", "f" * 40, attempts=4)])
-    failed = report.read_failed_cells(status)
-    assert [n.split()[7] for n in report.failed_notes(failed, "quick", "table1")] == [BAD_CELL.name]
-    assert [n.split()[7] for n in report.failed_notes(failed, "quick", "table2")] == [sweep.name]
-    assert report.failed_notes(failed, "paper", "table1") == ()
+    failed = tables.read_failed_cells(status)
+    assert [n.split()[7] for n in tables.failed_notes(failed, "quick", "table1")] == [BAD_CELL.name]
+    assert [n.split()[7] for n in tables.failed_notes(failed, "quick", "table2")] == [sweep.name]
+    assert tables.failed_notes(failed, "paper", "table1") == ()
     written = report.write_report([], tmp_path / "out", failed)  # no metrics at all: tables with the notes
     assert list(written) == ["quick"]
     markdown = (tmp_path / "out/quick/table1_test_conflicting.md").read_text()
@@ -106,10 +108,10 @@ def test_status_file_merges_and_report_lists_failed_cells(tmp_path):
         f"\n\n- FAILED on the cluster, no result: {BAD_CELL.name} (attempts: 1; ValueError: rho)\n"
     )
     assert "FAILED" not in (tmp_path / "out/quick/table1_test_conflicting.csv").read_text()
-    assert report.read_failed_cells(tmp_path / "absent.json") == []
+    assert tables.read_failed_cells(tmp_path / "absent.json") == []
     variant = grid.grid_cells(["cmnist"], [0.5], extra=["distill.repeats=3"])[0]
     cluster.write_status(status, [cluster.CellResult.for_cell(variant, "failed", "f" * 40, attempts=1)])
-    notes = report.failed_notes(report.read_failed_cells(status), "quick", "table1")
+    notes = tables.failed_notes(tables.read_failed_cells(status), "quick", "table1")
     assert f"{variant.name} (a variant: --set distill.repeats=3) (attempts: 1;" in notes[-1]
 
 
@@ -385,7 +387,7 @@ def first_run(ray_cluster, study) -> FirstRun:
         returncode=driver.returncode,
         output=log_path.read_text(),
         killed=killed or "",
-        records=cluster.read_status(study.repo / report.CLUSTER_STATUS),
+        records=cluster.read_status(study.repo / tools.CLUSTER_STATUS),
         sockets_seen=seen,
         foreign=foreign,
         seconds=time.monotonic() - start,
@@ -468,7 +470,7 @@ def test_rerun_skips_finished_cells_and_a_bad_cell_fails_once(first_run, ray_clu
     script = (
         "import json, logging, sys\n"
         "from pathlib import Path\n"
-        "from biasdd import cluster, grid\n"
+        "from biasdd.study import cluster, grid\n"
         "logging.basicConfig(level=logging.INFO)\n"
         f"points = {[*POINTS, (1.5, 4)]!r}\n"
         "cells = [grid.GridCell('cmnist', r, s, 'quick', methods=grid.SWEEP_METHODS) for r, s in points]\n"
@@ -493,7 +495,7 @@ def test_rerun_skips_finished_cells_and_a_bad_cell_fails_once(first_run, ray_clu
     assert "bias_ratio" in error and "1.5" in error, error
     for path, mtime in logs.items():  # the finished cells did not run again: their logs are untouched
         assert path.stat().st_mtime_ns == mtime, path
-    records = cluster.read_status(study.repo / report.CLUSTER_STATUS)  # the first run's records are kept
+    records = cluster.read_status(study.repo / tools.CLUSTER_STATUS)  # the first run's records are kept
     assert {c.name: records[c.name]["state"] for c in CELLS} == {c.name: "success" for c in CELLS}
     assert records[first_run.killed]["attempts"] == 2 and records[BAD_CELL.name]["attempts"] == 1
     grid_options = ["--git-remote", "origin", "--datasets", "cmnist", "--ratios", "0.5", "--severity-sweep"]

@@ -1,4 +1,4 @@
-"""biasdd.compute: the stated tolerances of bf16, compiled == eager, chunked == one pass, and the
+"""biasdd.training.compute: the stated tolerances of bf16, compiled == eager, chunked == one pass, and the
 fall-back when compiling fails, the CPU allocator's thresholds, the warning of emulated bf16."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from biasdd import compute, run
-from biasdd.compute import ComputeConfig, NetworkRunner
 from biasdd.distill import dc, dm
-from biasdd.nets import build_network
-from biasdd.train import TrainConfig, train_networks
+from biasdd.training import compute, runtime
+from biasdd.training.compute import ComputeConfig, NetworkRunner
+from biasdd.training.nets import build_network
+from biasdd.training.trainer import TrainConfig, train_networks
 
 K, SIZE, WIDTH = 4, 16, 16
 BF16 = ComputeConfig(precision="bf16")
@@ -138,7 +138,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     net = _net().requires_grad_(False)
     runner = NetworkRunner(net, ComputeConfig(compile=True), "cpu")
     x = torch.randn(8, 3, SIZE, SIZE)
-    with caplog.at_level(logging.WARNING, logger="biasdd.compute"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="biasdd.training.compute"), torch.no_grad():
         outs = [runner.embed(x) for _ in range(compute.Compiled.COMPILE_AFTER + 2)]
     assert "torch.compile failed" in caplog.text and caplog.text.count("torch.compile failed") == 1
     with torch.no_grad():
@@ -159,7 +159,7 @@ GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 # importing torch, this script printed [0, 1] (the 24 MiB block mapped).
 _HEAP_CHECK = """
 import ctypes, sys
-from biasdd.compute import tune_cpu_allocator
+from biasdd.training.compute import tune_cpu_allocator
 libc = ctypes.CDLL(None)
 wide = hasattr(libc, "mallinfo2")
 class MallInfo(ctypes.Structure):
@@ -199,11 +199,15 @@ def test_tuned_allocator_keeps_large_blocks_in_the_heap():
     assert result.stdout.strip() == "[0, 0]", result.stderr
 
 
-def test_training_stages_tune_the_allocator_on_the_cpu(monkeypatch):
-    calls = []
-    monkeypatch.setattr(run, "tune_cpu_allocator", lambda: calls.append(True) or True)
-    assert run.run_config(_stage_params("fp32")).device == "cpu"
-    assert calls == [True]
+def test_training_stages_tune_the_allocator_when_they_start_not_when_validated(monkeypatch):
+    """`run_config` (every stage's `configure`) only validates; `start` (the work) tunes and leases."""
+    calls, leases = [], []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: calls.append(True) or True)
+    monkeypatch.setattr(runtime, "lease_device", lambda name: leases.append(name) or "cpu")
+    run = runtime.run_config({**_stage_params("fp32"), "device": "auto"})
+    assert (run.device, calls, leases) == ("auto", [], [])
+    assert runtime.start(run).device == "cpu"
+    assert (calls, leases) == ([True], ["auto"])
 
 
 def _cpu_probes(monkeypatch, machine: str, avx512_bf16: bool | None, amx: bool | None) -> None:
@@ -248,9 +252,11 @@ def _stage_params(precision: str) -> dict:
 )
 def test_training_stages_warn_of_bf16_on_a_cpu_without_it(monkeypatch, caplog, precision, native, warned):
     monkeypatch.setattr(compute, "cpu_bf16_native", lambda: native)
-    with caplog.at_level(logging.WARNING, logger="biasdd.compute"):
-        run.run_config(_stage_params(precision))
-    messages = [r.getMessage() for r in caplog.records if r.name == "biasdd.compute"]
+    with caplog.at_level(logging.WARNING, logger="biasdd.training.compute"):
+        run = runtime.run_config(_stage_params(precision))
+        assert not caplog.records  # validating warns of nothing; starting the work does
+        runtime.start(run)
+    messages = [r.getMessage() for r in caplog.records if r.name == "biasdd.training.compute"]
     if warned:
         assert messages == [compute.BF16_EMULATED]
         assert "compute.precision=fp32" in messages[0] and "\n" not in messages[0]  # the key and the fix

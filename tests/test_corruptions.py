@@ -1,4 +1,4 @@
-"""Tests for biasdd.corruptions: contract, determinism, severity ordering, and the simple formulas."""
+"""Tests for biasdd.pipeline.corruptions: contract, determinism, severity ordering, the simple formulas."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from imagecorruptions.corruptions import plasma_fractal as package_plasma_fractal
 from PIL import Image
 
-from biasdd import corruptions
-from biasdd.corruptions import CORRUPTIONS, PROTOCOLS, corrupt
+from biasdd.pipeline import corruptions
+from biasdd.pipeline.corruptions import CORRUPTIONS, PROTOCOLS, corrupt
 
 RANDOM_CORRUPTIONS = ("snow", "frost", "fog", "spatter", "elastic_transform")
 SEVERITIES = (1, 2, 3, 4)

@@ -10,18 +10,17 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from biasdd.config import load_params
+from biasdd.dag import code_of, declared_code, expected_deps, paths, rewrite, script_of, stages
+from biasdd.dag import main as dag_main
+from biasdd.params import load_params
 
 from .tiny import REPO
 
@@ -29,116 +28,43 @@ SRC = REPO / "src"
 PARAMS = load_params(REPO / "params.yaml")
 
 
-# --- dvc.yaml, resolved ------------------------------------------------------------------------------
-
-
-def _resolve(value: Any, item: str | None) -> Any:
-    if isinstance(value, str):
-        if item is not None:
-            value = value.replace("${item}", item)
-        return re.sub(r"\$\{(\w+)\}", lambda m: str(PARAMS[m.group(1)]), value)
-    if isinstance(value, dict):
-        return {_resolve(k, item): _resolve(v, item) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve(v, item) for v in value]
-    return value
-
-
-def stages() -> Iterator[tuple[str, str | None, dict]]:
-    """(stage name, foreach item or None, resolved definition) for every stage of dvc.yaml."""
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    for name, definition in dvc["stages"].items():
-        if "foreach" in definition:
-            assert definition["foreach"] == "${methods}", name
-            for item in PARAMS["methods"]:
-                yield f"{name}@{item}", item, _resolve(definition["do"], item)
-        else:
-            yield name, None, _resolve(definition, None)
-
-
-STAGES = list(stages())
-
-
-def _paths(entries: list) -> list[str]:
-    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+STAGES = [(name, item, definition) for name, _, item, definition in stages(REPO, PARAMS)]
 
 
 def _script(definition: dict) -> Path:
-    match = re.match(r"PYTHONPATH=src python (stages/\w+\.py)", definition["cmd"])
-    assert match, definition["cmd"]
-    return REPO / match.group(1)
-
-
-# --- imports -------------------------------------------------------------------------------------------
-
-
-def _module_file(module: str) -> Path | None:
-    base = SRC.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _direct_imports(path: Path, module: str | None) -> set[str]:
-    """biasdd modules imported by the file at `path` (anywhere in it)."""
-    found: set[str] = set()
-    package = None if module is None else (module if path.name == "__init__.py" else module.rsplit(".", 1)[0])
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "biasdd"}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                assert package is not None, f"relative import in {path}"
-                parts = package.split(".")
-                parts = parts[: len(parts) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            if base.split(".")[0] != "biasdd":
-                continue
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                found.add(sub if _module_file(sub) else base)
-    return found
-
-
-def code_of(script: Path) -> set[Path]:
-    """Every src/biasdd file the script runs when it imports what it imports."""
-    todo = list(_direct_imports(script, None))
-    seen: set[str] = set()
-    while todo:
-        module = todo.pop()
-        parts = module.split(".")
-        for depth in range(1, len(parts) + 1):  # packages run their __init__ first
-            name = ".".join(parts[:depth])
-            if name in seen or _module_file(name) is None:
-                continue
-            seen.add(name)
-            file = _module_file(name)
-            assert file is not None
-            todo += list(_direct_imports(file, name))
-    return {_module_file(m) for m in seen}  # type: ignore[misc]
-
-
-def declared_code(definition: dict) -> set[Path]:
-    files: set[Path] = set()
-    for dep in _paths(definition["deps"]):
-        path = REPO / dep
-        if not dep.startswith("src/biasdd"):
-            continue
-        assert path.exists(), f"dep {dep} does not exist"
-        files |= set(path.rglob("*.py")) if path.is_dir() else {path}
-    return files
+    return script_of(definition, REPO)
 
 
 @pytest.mark.parametrize(("stage", "item", "definition"), STAGES, ids=[s[0] for s in STAGES])
 def test_code_deps_are_exactly_the_modules_the_stage_runs(stage, item, definition):
     script = _script(definition)
-    assert str(script.relative_to(REPO)) in _paths(definition["deps"]), f"{stage}: its script is not a dep"
-    runs, declared = code_of(script), declared_code(definition)
-    rel = lambda paths: sorted(str(p.relative_to(REPO)) for p in paths)  # noqa: E731
+    assert str(script.relative_to(REPO)) in paths(definition["deps"]), f"{stage}: its script is not a dep"
+    runs, declared = code_of(script, SRC), declared_code(definition, REPO)
+    rel = lambda files: sorted(str(p.relative_to(REPO)) for p in files)  # noqa: E731
     assert rel(runs - declared) == [], f"{stage} runs modules it does not declare"
     assert rel(declared - runs) == [], f"{stage} declares modules it does not run"
+
+
+def test_dvc_yaml_code_deps_are_what_biasdd_dag_writes():
+    """`biasdd-dag --write` is how the deps are kept; dvc.yaml must be its output (`--check`)."""
+    text = (REPO / "dvc.yaml").read_text()
+    assert rewrite(text, expected_deps(REPO)) == text, "run `biasdd-dag --write`"
+    assert dag_main(["--check", "--repo", str(REPO)]) == 0
+
+
+def test_biasdd_dag_rewrites_only_code_lines(tmp_path):
+    """A stale code dep is replaced in place; data deps, comments and other keys stay as they are."""
+    text = (
+        "stages:\n  a:\n    cmd: PYTHONPATH=src python stages/a.py\n    deps:\n      - stages/a.py\n"
+        "      - src/biasdd/old.py   # gone\n      - data/x.h5         # data\n    params:\n      - seed\n"
+    )
+    out = rewrite(text, {"a": ["src/biasdd/new.py", "src/biasdd/vocab.py"]})
+    assert out == (
+        "stages:\n  a:\n    cmd: PYTHONPATH=src python stages/a.py\n    deps:\n      - stages/a.py\n"
+        "      - src/biasdd/new.py\n      - src/biasdd/vocab.py\n      - data/x.h5         # data\n"
+        "    params:\n      - seed\n"
+    )
+    assert rewrite(out, {"a": ["src/biasdd/new.py", "src/biasdd/vocab.py"]}) == out
 
 
 # --- params --------------------------------------------------------------------------------------------
@@ -225,9 +151,9 @@ def test_every_declared_param_of_a_foreach_stage_is_read_by_some_item():
 
 def test_the_guard_sees_what_it_should():
     """The import reader on a known case: the distill stage runs the driver through the registry."""
-    runs = {str(p.relative_to(SRC)) for p in code_of(REPO / "stages/distill.py")}
+    runs = {str(p.relative_to(SRC)) for p in code_of(REPO / "stages/distill.py", SRC)}
     assert {"biasdd/__init__.py", "biasdd/distill/__init__.py", "biasdd/distill/driver.py"} <= runs
-    assert "biasdd/amplification.py" not in runs and "biasdd/plots.py" not in runs
+    assert "biasdd/pipeline/bias_classifier.py" not in runs and "biasdd/figures.py" not in runs
     read: set[str] = set()
     Recording({"a": {"b": 1, "c": {"d": 2}}}, read)["a"]["c"]["d"]
     assert read == {"a.c.d"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from biasdd import io
+from biasdd import artifacts
 from biasdd.datasets import NO_ATTRIBUTE, BiasedDataset, SyntheticDataset
 
 from .tiny import run
@@ -29,7 +29,7 @@ def _biased(path, shift: int = 0) -> dict:
         }
     groups["train"]["mean"] = np.array([0.5, 0.4, 0.3])
     groups["train"]["std"] = np.array([0.2, 0.2, 0.2])
-    io.write_h5(path, groups, {"dataset": "cmnist", "bias_ratio": 0.9, "severity": 4}, kind="biased")
+    artifacts.write_h5(path, groups, {"dataset": "cmnist", "bias_ratio": 0.9, "severity": 4}, kind="biased")
     return groups
 
 
@@ -40,7 +40,9 @@ def _synthetic(path) -> dict:
         "repeat_0": {"images": images, "labels": np.repeat(np.arange(K), 2), "loss": np.zeros(3)},
         "repeat_1": {"images": -images, "labels": np.repeat(np.arange(K), 2), "loss": np.zeros(3)},
     }
-    io.write_h5(path, groups, {"method": "dm", "budget": "quick", "dataset": "cmnist"}, kind="synthetic")
+    artifacts.write_h5(
+        path, groups, {"method": "dm", "budget": "quick", "dataset": "cmnist"}, kind="synthetic"
+    )
     return groups
 
 

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from biasdd import amplification, bias_model, debias
 from biasdd.config import from_dict
-from biasdd.distill import METHODS, DebiasTargets, dc, dm, sampling
-from biasdd.nets import build_network
+from biasdd.distill import METHODS, DebiasTargets, dc, debias, dm, sampling
+from biasdd.pipeline import bias_classifier, bias_model
+from biasdd.training.nets import build_network
 
 K, CHANNELS, SIZE, WIDTH = 3, 3, 16, 8
 
@@ -112,7 +112,7 @@ def test_config_validation():
         from_dict(bias_model.BiasModelConfig, {**model, "steps": 2.5}, "bias_model")
     classifier = dict(steps=10, batch_size=8, lr=1e-3, width=8, reference_limit=100)
     with pytest.raises(ValueError, match=r"bias_classifier\.lr"):
-        amplification.BiasClassifierConfig(**{**classifier, "lr": 0})
+        bias_classifier.BiasClassifierConfig(**{**classifier, "lr": 0})
     with pytest.raises(ValueError, match="aligned_weights"):
         DebiasTargets(weights=None, aligned_weights=None, repulsion=0.5)
 
@@ -326,38 +326,38 @@ def test_dc_debiased_loss_with_zero_repulsion_equals_matching_loss():
 
 def test_bias_classifier_learns_the_attribute_and_amplification(biased_set):
     images, labels, attributes = biased_set
-    cfg = amplification.BiasClassifierConfig(
+    cfg = bias_classifier.BiasClassifierConfig(
         steps=60, batch_size=32, lr=3e-3, width=WIDTH, reference_limit=1000
     )
-    classifier = amplification.train_bias_classifier(
+    classifier = bias_classifier.train_bias_classifier(
         images, labels, attributes, K, cfg, net_factory, torch.Generator().manual_seed(0), False
     )
     test_images, test_labels, test_attributes = planted([4, 4, 4], seed=1)
-    assert amplification.attribute_accuracy(classifier, test_images, test_attributes) > 0.9
+    assert bias_classifier.attribute_accuracy(classifier, test_images, test_attributes) > 0.9
     aligned_images, aligned_labels, _ = planted([6, 0, 0], seed=2)  # every image aligned
-    share = amplification.bias_amplification(classifier, aligned_images, aligned_labels, K)
+    share = bias_classifier.bias_amplification(classifier, aligned_images, aligned_labels, K)
     assert share["mean"] > 0.9 and len(share["per_class"]) == K
-    mixed = amplification.bias_amplification(classifier, test_images, test_labels, K)  # 1/3 aligned
+    mixed = bias_classifier.bias_amplification(classifier, test_images, test_labels, K)  # 1/3 aligned
     assert 0.1 < mixed["mean"] < 0.6
-    reference = amplification.bias_amplification(classifier, images, labels, K)
+    reference = bias_classifier.bias_amplification(classifier, images, labels, K)
     assert reference["mean"] == pytest.approx(36 / 42, abs=0.1)  # about the bias ratio
 
 
 def test_aligned_share_and_summary_exact():
     predicted = torch.tensor([0, 0, 1, 2, 2, 0])
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    share = amplification.aligned_share(predicted, labels, 4)
+    share = bias_classifier.aligned_share(predicted, labels, 4)
     assert share["per_class"] == [1.0, 0.5, 0.5, None]
     assert share["mean"] == pytest.approx(2 / 3)
-    summary = amplification.summarise_amplification(
+    summary = bias_classifier.summarise_amplification(
         [share, {"per_class": [0.0, 0.5, 0.5, None], "mean": 1 / 3}], 0.5
     )
     assert summary["aligned_share"]["mean"] == pytest.approx(0.5)
     assert summary["aligned_share"]["std"] == pytest.approx(1 / 6)
     assert summary["aligned_share_per_class"] == [0.5, 0.5, 0.5, None]
     assert summary["amplification"] == pytest.approx(0.0)
-    assert amplification.strided_subset(10, 3).tolist() == [0, 4, 9]  # spread, not a prefix
-    assert amplification.strided_subset(3, 10).tolist() == [0, 1, 2]
+    assert bias_classifier.strided_subset(10, 3).tolist() == [0, 4, 9]  # spread, not a prefix
+    assert bias_classifier.strided_subset(3, 10).tolist() == [0, 1, 2]
 
 
 def test_configs_are_frozen():

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biasdd.augment import DSAConfig
 from biasdd.config import from_dict
 from biasdd.distill import METHODS, DistillResult, dc, dm, driver, sampling
-from biasdd.nets import build_network
+from biasdd.training.augment import DSAConfig
+from biasdd.training.nets import build_network
 
 from .tiny import tiny_params
 
@@ -407,14 +407,14 @@ def test_a_toy_method_registered_from_a_test_runs_through_the_driver(toy, plante
     )
     assert torch.equal(resumed.images, result.images) and resumed.losses == result.losses
     # and the stage's configuration picks it up from params like any other method
-    from biasdd import distillation
+    from biasdd.pipeline import distill as distill_stage
 
     params = tiny_params(tmp_path)
     params["distill"]["toy"] = {**dataclasses.asdict(cfg), "scale": 2.0}
-    setup = distillation.configure(params, "toy")
+    setup = distill_stage.configure(params, "toy")
     assert setup.cfg == dataclasses.replace(cfg, scale=2.0) and setup.dsa is None
     with pytest.raises(ValueError, match=r"distill\.toy\.scale: 'big' is not valid"):
-        distillation.configure(
+        distill_stage.configure(
             {**params, "distill": {**params["distill"], "toy": {**params["distill"]["toy"], "scale": "big"}}},
             "toy",
         )

@@ -1,5 +1,5 @@
-"""Tests for biasdd.evaluate: group-wise metrics, summaries over repeats, scoring an ensemble, and the
-compact metrics files."""
+"""Tests for biasdd.pipeline.evaluate: group-wise metrics, summaries over repeats, scoring an ensemble,
+and the compact metrics files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from biasdd.evaluate import evaluate_ensemble, group_metrics, summarise
-from biasdd.train import train_networks
+from biasdd.pipeline.evaluate import evaluate_ensemble, group_metrics, summarise
+from biasdd.training.trainer import train_networks
 
 from .test_train import IM_SIZE, make_cfg, max_weight_diff, noisy_flip, tiny_factory
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasdd.augment import DSAConfig
-from biasdd.compute import FP32, ComputeConfig, NetworkRunner
 from biasdd.distill import METHODS, dc
-from biasdd.nets import build_network
-from biasdd.train import TrainConfig, train_networks
+from biasdd.training.augment import DSAConfig
+from biasdd.training.compute import FP32, ComputeConfig, NetworkRunner
+from biasdd.training.nets import build_network
+from biasdd.training.trainer import TrainConfig, train_networks
 
 pytestmark = pytest.mark.gpu
 

@@ -56,7 +56,7 @@ def test_one_method_param_reruns_only_its_chain_and_plot_param_only_plot(tmp_pat
     # each stage depends on the code it runs: the amplification metric's module re-runs the bias
     # classifier and the evaluations, never a distillation. The plot re-runs only if their outputs
     # changed; a comment edit leaves them byte-identical, so DVC may skip it
-    module = repo / "src/biasdd/amplification.py"
+    module = repo / "src/biasdd/pipeline/bias_classifier.py"
     module.write_text(module.read_text() + "\n# an edit\n")
     assert _ran(run(repo, "dvc", "repro")) - {"plot"} == {
         "bias_classifier",

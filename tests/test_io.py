@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biasdd import io
+from biasdd import artifacts
 from biasdd.errors import ArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,47 +25,47 @@ def _groups():
 
 
 def test_write_is_byte_reproducible(tmp_path):
-    io.write_h5(tmp_path / "a.h5", _groups(), {"config": {"seed": 0}, "note": "x"})
-    io.write_h5(tmp_path / "b.h5", _groups(), {"config": {"seed": 0}, "note": "x"})
+    artifacts.write_h5(tmp_path / "a.h5", _groups(), {"config": {"seed": 0}, "note": "x"})
+    artifacts.write_h5(tmp_path / "b.h5", _groups(), {"config": {"seed": 0}, "note": "x"})
     assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
-    assert io.read_attrs(tmp_path / "a.h5") == {"config": {"seed": 0}, "note": "x"}
-    assert io.read_attrs(tmp_path / "a.h5", "train") == {"bias_ratio": 0.8}
-    back = io.read_h5(tmp_path / "a.h5", "train")
+    assert artifacts.read_attrs(tmp_path / "a.h5") == {"config": {"seed": 0}, "note": "x"}
+    assert artifacts.read_attrs(tmp_path / "a.h5", "train") == {"bias_ratio": 0.8}
+    back = artifacts.read_h5(tmp_path / "a.h5", "train")
     np.testing.assert_array_equal(back["images"], _groups()["train"]["images"])
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
     target = tmp_path / "out.h5"
     with pytest.raises(TypeError):
-        io.write_h5(target, {"train": {"bad": np.array([object()])}}, {})
+        artifacts.write_h5(target, {"train": {"bad": np.array([object()])}}, {})
     assert list(tmp_path.iterdir()) == []
     # an existing artifact survives a failed rewrite untouched
-    io.write_h5(target, _groups(), {})
+    artifacts.write_h5(target, _groups(), {})
     before = target.read_bytes()
     with pytest.raises(TypeError):
-        io.write_h5(target, {"train": {"bad": np.array([object()])}}, {})
+        artifacts.write_h5(target, {"train": {"bad": np.array([object()])}}, {})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
 
 
 def test_missing_group_or_file_is_a_clear_error(tmp_path):
-    io.write_h5(tmp_path / "a.h5", _groups(), {})
+    artifacts.write_h5(tmp_path / "a.h5", _groups(), {})
     with pytest.raises(ArtifactError, match="no group 'valid'"):
-        io.read_h5(tmp_path / "a.h5", "valid")
+        artifacts.read_h5(tmp_path / "a.h5", "valid")
     with pytest.raises(
         FileNotFoundError, match=r"none.h5: no such file; rebuild it with `dvc repro bias_inject`"
     ):
-        io.read_h5(tmp_path / "none.h5", "train", kind="biased")
+        artifacts.read_h5(tmp_path / "none.h5", "train", kind="biased")
 
 
 def test_checkpoint_roundtrip(tmp_path):
     import torch
 
     state = {"iteration": 3, "images": torch.ones(2, 2)}
-    io.save_checkpoint(tmp_path / "ck.pt", state)
-    back = io.load_checkpoint(tmp_path / "ck.pt")
+    artifacts.save_checkpoint(tmp_path / "ck.pt", state)
+    back = artifacts.load_checkpoint(tmp_path / "ck.pt")
     assert back["iteration"] == 3 and torch.equal(back["images"], state["images"])
-    assert io.load_checkpoint(tmp_path / "none.pt") is None
+    assert artifacts.load_checkpoint(tmp_path / "none.pt") is None
 
 
 def test_checkpoint_is_byte_reproducible(tmp_path):
@@ -74,8 +74,8 @@ def test_checkpoint_is_byte_reproducible(tmp_path):
     import torch
 
     state = {"weight": torch.arange(6.0).view(2, 3), "code_version": "0.1.0+src.x"}
-    io.save_checkpoint(tmp_path / "a" / "classifier.pt", state)
-    io.save_checkpoint(tmp_path / "b" / "classifier.pt", state)
+    artifacts.save_checkpoint(tmp_path / "a" / "classifier.pt", state)
+    artifacts.save_checkpoint(tmp_path / "b" / "classifier.pt", state)
     assert (tmp_path / "a" / "classifier.pt").read_bytes() == (tmp_path / "b" / "classifier.pt").read_bytes()
 
 
@@ -138,9 +138,9 @@ def test_same_params_give_byte_identical_biased_files(tmp_path):
         one = hashlib.md5((tmp_path / "one" / name).read_bytes()).hexdigest()
         two = hashlib.md5((tmp_path / "two" / name).read_bytes()).hexdigest()
         assert one == two, name
-    attrs = io.read_attrs(tmp_path / "one" / "biased.h5")
+    attrs = artifacts.read_attrs(tmp_path / "one" / "biased.h5")
     assert attrs["bias_ratio"] == 0.95 and attrs["config"]["severity"] == 4 and "code_version" in attrs
-    train = io.read_h5(tmp_path / "one" / "biased.h5", "train")
+    train = artifacts.read_h5(tmp_path / "one" / "biased.h5", "train")
     assert train["images"].shape == (600, 3, 28, 28) and train["mean"].shape == (3,)
 
 

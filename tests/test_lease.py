@@ -1,4 +1,4 @@
-"""biasdd.lease: one GPU per process among experiments running side by side, on faked device counts.
+"""biasdd.training.lease: one GPU per process among experiments running side by side, on faked device counts.
 
 The leases are real (flock'ed lock files in a temporary directory); only the number of GPUs is faked
 (`device_count=`), so this runs on the CPU. Several real processes take leases at once and must never
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from biasdd import lease
+from biasdd.training import lease
 
 # A holder process: leases one of `count` fake GPUs, proves it is alone on it (O_EXCL marker), holds it.
 HOLDER = """
 import json, logging, os, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-from biasdd.lease import lease_device
+from biasdd.training.lease import lease_device
 out, hold, count = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 device = lease_device("auto", device_count=count, poll_s=0.02)
 print(device, flush=True)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from biasdd.nets import ConvNet, PatchGradConv2d, _PatchGrad, build_network
+from biasdd.training.nets import ConvNet, PatchGradConv2d, _PatchGrad, build_network
 
 
 def _pair(padding: int = 3, dtype: torch.dtype = torch.float64) -> tuple[nn.Conv2d, PatchGradConv2d]:

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from biasdd import io, report
+from biasdd import artifacts
 from biasdd.distill import METHODS
+from biasdd.study import experiments
 
 from .tiny import make_repo, run
 
@@ -45,13 +46,13 @@ def test_whole_pipeline_tiny(tmp_path):
     ):
         assert f"Running stage '{stage}'" in out, stage
     for method in METHODS:
-        attrs = io.read_attrs(repo / f"data/synthetic/{method}.h5")
+        attrs = artifacts.read_attrs(repo / f"data/synthetic/{method}.h5")
         assert attrs["budget"] == "quick" and attrs["method"] == method and attrs["repeats"] == 2
         assert attrs["artifact"] == "synthetic" and attrs["compute"] == {
             "precision": "fp32",
             "compile": False,
         }
-        first = io.read_h5(repo / f"data/synthetic/{method}.h5", "repeat_0")
+        first = artifacts.read_h5(repo / f"data/synthetic/{method}.h5", "repeat_0")
         assert first["images"].shape == (20, 3, 28, 28) and first["images"].dtype.name == "float32"
         assert sorted(first["labels"].tolist()) == first["labels"].tolist()
         loss_csv = (repo / f"metrics/distill/{method}_loss.csv").read_text().splitlines()
@@ -91,7 +92,7 @@ def test_whole_pipeline_tiny(tmp_path):
     assert widest <= 130, f"`dvc metrics show` is {widest} columns wide"
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again
-    assert report.workspace_is_current(repo)  # `dvc status --json` of a reproduced workspace: {}
+    assert experiments.workspace_is_current(repo)  # `dvc status --json` of a reproduced workspace: {}
 
 
 @pytest.mark.slow

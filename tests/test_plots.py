@@ -1,11 +1,11 @@
-"""biasdd.plots: what Figure 1 shows."""
+"""biasdd.figures: what Figure 1 shows."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from biasdd.bias import assign_attributes
-from biasdd.plots import conflicting_picks, sample_grid
+from biasdd.figures import conflicting_picks, sample_grid
+from biasdd.pipeline.bias_inject import assign_attributes
 
 
 def test_figure1_conflicting_row_shows_different_attributes(tmp_path):

@@ -1,4 +1,5 @@
-"""biasdd.report (tables and curves from `dvc exp show --json`) and biasdd.grid (queueing the grid).
+"""biasdd.study.report (tables and curves from `dvc exp show --json`) and biasdd.study.grid (queueing
+the grid).
 
 The unit tests build `dvc exp show --json` output in the schema of DVC 3.67 (captured once from a tiny
 repository: a workspace row, baseline rows, and under each baseline `experiments: [{"name", "executor",
@@ -22,7 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biasdd import grid, report
+from biasdd import vocab
+from biasdd.study import cells as cellmod
+from biasdd.study import experiments, findings, grid, report, tables, tools
 
 from .tiny import make_repo, run
 
@@ -36,7 +39,7 @@ def _metrics(acc: float, std: float) -> dict:
 
 def _all(acc: float, names=None) -> dict:
     """Metrics of every name (dc, dsa, dm, full: +0.01 each) on both splits (uniform: +0.1)."""
-    names = list(report.ROW_NAMES) if names is None else names
+    names = list(vocab.ROW_TITLES) if names is None else names
     out = {}
     for i, n in enumerate(names):
         out[f"metrics/test_conflicting/{n}.json"] = _metrics(acc + i / 100, 0.01)
@@ -135,13 +138,13 @@ def test_cells_count_their_own_networks():
     """Each row's spread is over its own evaluation networks (evaluate.synthetic.repeats for the
     methods, evaluate.full.repeats for the full set); one network shows no ± 0.00."""
     evaluate = {"synthetic": {"repeats": 3}, "full": {"repeats": 1}}
-    cells = report.cells_from_row(
+    cells = cellmod.cells_from_row(
         _row("b" * 40, "e1", "2026-01-02T10:00:00", _all(0.5), {"evaluate": evaluate})
     )
     by_name = {c.method: c for c in cells if c.split == "test_conflicting"}
     assert by_name["dm"].n_repeats == 3 and by_name["full"].n_repeats == 1
-    assert report._fmt_cell(by_name["dm"], "±") == "52.00 ± 1.00"
-    assert report._fmt_cell(by_name["full"], "±") == "53.00 (n=1)"
+    assert tables._fmt_cell(by_name["dm"], "±") == "52.00 ± 1.00"
+    assert tables._fmt_cell(by_name["full"], "±") == "53.00 (n=1)"
 
 
 def test_table2_from_dm_only_experiments(tmp_path):
@@ -180,17 +183,17 @@ def test_debiased_experiments_stay_out_of_the_study_tables(caplog):
     debiased = _row(
         "d" * 40, "dm-groups", "2026-01-03T10:00:00", _all(0.9), params={"debias": {"mode": "groups"}}
     )
-    with caplog.at_level(logging.INFO, logger="biasdd.report"):
-        assert report.cells_from_row(debiased) == []
+    with caplog.at_level(logging.INFO, logger="biasdd.study"):
+        assert cellmod.cells_from_row(debiased) == []
     assert "debias.mode=groups" in caplog.text
-    assert report.cells_from_row(plain)
+    assert cellmod.cells_from_row(plain)
 
 
 def test_newest_wins_and_says_so(tmp_path, caplog):
     old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
-    with caplog.at_level(logging.DEBUG, logger="biasdd.report"):
-        cells = _by_position(report.collect_cells(_exp_show(new, old)))
+    with caplog.at_level(logging.DEBUG, logger="biasdd.study"):
+        cells = _by_position(cellmod.collect_cells(_exp_show(new, old)))
     cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
     assert cell.mean == pytest.approx(0.4) and cell.source.startswith("new")
     per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
@@ -206,8 +209,8 @@ def test_overridden_cells_log_one_info_line(caplog):
         _row(str(i) * 40, f"run{i}", f"2026-01-01T1{i}:00:00", _all(0.1 * i), bias_ratio=0.8)
         for i in range(1, 5)
     ]
-    with caplog.at_level(logging.INFO, logger="biasdd.report"):
-        report.collect_cells(_exp_show(*rows))
+    with caplog.at_level(logging.INFO, logger="biasdd.study"):
+        cellmod.collect_cells(_exp_show(*rows))
     assert [r.levelno for r in caplog.records] == [logging.INFO]
     assert caplog.records[0].getMessage().startswith("24 cell(s)")
 
@@ -224,7 +227,7 @@ def test_cli_verbose_lists_each_overridden_cell(tmp_path, caplog, verbose):
             caplog.handler.setLevel(logging.DEBUG)  # pass what the CLI's own handler would
             assert report.main(argv) == 0
     finally:
-        report.log.setLevel(logging.NOTSET)
+        logging.getLogger("biasdd.study").setLevel(logging.NOTSET)
     per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
     assert len(per_cell) == (8 if verbose else 0)
     assert any(r.getMessage().startswith("8 cell(s) filled") for r in caplog.records)
@@ -233,7 +236,7 @@ def test_cli_verbose_lists_each_overridden_cell(tmp_path, caplog, verbose):
 def test_workspace_counts_as_newest():
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
     workspace = _row("workspace", None, None, _all(0.6))
-    cells = _by_position(report.collect_cells(_exp_show(workspace=workspace, baseline=base)))
+    cells = _by_position(cellmod.collect_cells(_exp_show(workspace=workspace, baseline=base)))
     assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting")].source == "workspace"
 
 
@@ -252,7 +255,7 @@ def test_stale_workspace_is_left_out(monkeypatch, tmp_path):
             stdout = status if cmd[1] == "status" else shown
             return subprocess.CompletedProcess(cmd, 0, stdout=stdout, stderr="")
 
-        monkeypatch.setattr(report, "run_tool", fake_tool)
+        monkeypatch.setattr(experiments, "run_tool", fake_tool)
         out = tmp_path / str(status == up_to_date)
         assert report.main(["--out", str(out), "--repo", str(tmp_path)]) == 0
         cells = {(r[4], r[5]): r for r in csv.reader(io.StringIO((out / "quick/cells.csv").read_text()))}
@@ -273,8 +276,8 @@ def test_workspace_is_current_reads_dvc_status(monkeypatch, tmp_path, returncode
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
 
-    monkeypatch.setattr(report.subprocess, "run", fake_run)
-    assert report.workspace_is_current(tmp_path) is current
+    monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+    assert experiments.workspace_is_current(tmp_path) is current
     assert calls[0][1:] == ["status", "--json"]
 
 
@@ -317,7 +320,7 @@ def test_runs_of_other_settings_get_their_own_tables(tmp_path, caplog):
     three_other_point = _row(
         "c" * 40, "three-rho1", "2026-01-02T11:00:00", _all(0.1), _with(repeats=3), bias_ratio=1.0
     )
-    with caplog.at_level(logging.INFO, logger="biasdd.report"):
+    with caplog.at_level(logging.INFO, logger="biasdd.study"):
         written = report.write_report(_exp_show(three, three_other_point, baseline=base), tmp_path)
     assert sorted(written) == ["quick", "quick~distill.repeats=3"]
     main = _csv(tmp_path / "quick/table1_test_conflicting.csv")
@@ -385,26 +388,25 @@ def test_params_that_change_no_number_make_no_variant(tmp_path):
 def test_a_datasets_own_params_split_only_its_cells():
     """CMNIST-DD's colours feed CMNIST-DD's cells only, and a schedule only its dataset's method."""
     schedule = {"cmnist": {"dm": {"epochs": 300}}, "ccifar10": {"dm": {"epochs": 300}, "dc": {"epochs": 150}}}
-    ref = report.run_settings(
-        {"cmnist": {"sigma": [0.05]}, "evaluate": {"synthetic": {"schedule": schedule}}}
-    )
+    params = {"cmnist": {"sigma": [0.05]}, "evaluate": {"synthetic": {"schedule": schedule}}}
+    ref = cellmod.run_settings(params)
     other = {**ref, "cmnist.sigma": "[0.1]", "evaluate.synthetic.schedule.ccifar10.dc.epochs": "1000"}
-    assert report.cell_settings(other, "dm", "ccifar10") == report.cell_settings(ref, "dm", "ccifar10")
-    assert report.cell_settings(other, "full", "ccifar10") == report.cell_settings(ref, "full", "ccifar10")
-    assert report.cell_settings(other, "dm", "cmnist") != report.cell_settings(ref, "dm", "cmnist")
-    assert report.cell_settings(other, "dc", "ccifar10") != report.cell_settings(ref, "dc", "ccifar10")
+    assert cellmod.cell_settings(other, "dm", "ccifar10") == cellmod.cell_settings(ref, "dm", "ccifar10")
+    assert cellmod.cell_settings(other, "full", "ccifar10") == cellmod.cell_settings(ref, "full", "ccifar10")
+    assert cellmod.cell_settings(other, "dm", "cmnist") != cellmod.cell_settings(ref, "dm", "cmnist")
+    assert cellmod.cell_settings(other, "dc", "ccifar10") != cellmod.cell_settings(ref, "dc", "ccifar10")
 
 
 def test_long_changes_get_a_short_folder_name():
-    ref = report.Variant("quick", (("distill.dc.lr_img", "30.0"),))
-    long = report.Variant("quick", (), changes=tuple((f"distill.dc.key{i}", "1") for i in range(9)))
+    ref = cellmod.Variant("quick", (("distill.dc.lr_img", "30.0"),))
+    long = cellmod.Variant("quick", (), changes=tuple((f"distill.dc.key{i}", "1") for i in range(9)))
     assert ref.folder == "quick" and re.fullmatch(r"quick~v[0-9a-f]{8}", long.folder)
     assert long.note().endswith("and 5 more (settings.json)")
 
 
 def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
     """A cell's settings are exactly the params of the stages upstream of its metrics file in dvc.yaml,
-    less the grid point and report.NEUTRAL: a param added to a stage counts without anyone listing it."""
+    less the grid point and cellmod.NEUTRAL: a param added to a stage counts without anyone listing it."""
     from .test_dag import PARAMS, STAGES
 
     definitions = {name: definition for name, _, definition in STAGES}
@@ -423,18 +425,18 @@ def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
                 todo += [made_by[dep] for dep in definitions[name].get("deps", []) if dep in made_by]
         return params
 
-    settings = report.run_settings(PARAMS)
-    assert not any(report._under(k, report.NEUTRAL) for k in settings)
-    for stage, name in [("evaluate_full", "full"), *((f"evaluate@{m}", m) for m in report.METHODS)]:
-        fed = {k for k in settings if report._under(k, upstream_params(stage))}
-        assert set(report.relevant(settings, name, PARAMS["dataset"])) == fed, stage
+    settings = cellmod.run_settings(PARAMS)
+    assert not any(cellmod._under(k, cellmod.NEUTRAL) for k in settings)
+    for stage, name in [("evaluate_full", "full"), *((f"evaluate@{m}", m) for m in vocab.METHODS)]:
+        fed = {k for k in settings if cellmod._under(k, upstream_params(stage))}
+        assert set(cellmod.relevant(settings, name, PARAMS["dataset"])) == fed, stage
 
 
 def test_stale_workspace_still_names_the_reference_settings(tmp_path):
     """The workspace's metrics are left out when stale, but its params name the repository's settings."""
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with(repeats=3))
     stale = _row("workspace", None, None, _all(0.9), _with())
-    rows = report.without_workspace(_exp_show(workspace=stale, baseline=base))
+    rows = experiments.without_workspace(_exp_show(workspace=stale, baseline=base))
     written = report.write_report(rows, tmp_path)
     assert sorted(written) == ["quick", "quick~distill.repeats=3"]
     main = _csv(tmp_path / "quick/table1_test_conflicting.csv")  # the workspace's settings: one distillation
@@ -460,7 +462,7 @@ def _commit_with_lock(repo: Path, lr_img_run: float) -> str:
             "cmd": "...",
             "deps": [{"path": f"data/synthetic/{m}.h5", "md5": "0"}],
             "params": {"params.yaml": {"seed": 0}},
-            "outs": [{"path": f"metrics/{split}/{m}.json", "md5": "0"} for split in report.SPLITS],
+            "outs": [{"path": f"metrics/{split}/{m}.json", "md5": "0"} for split in vocab.TEST_SPLITS],
         }
         for m in ("dc", "dm")
     }
@@ -513,15 +515,15 @@ def test_commit_metrics_made_with_other_params_are_not_reported(tmp_path, caplog
     stale = _row(stale_rev, None, "2026-01-01T00:00:00", metrics, params)
     stale["experiments"] = [_exp(experiment)]
     fresh = _row(fresh_rev, None, "2026-01-02T00:00:00", metrics, params)
-    with caplog.at_level(logging.INFO, logger="biasdd.report"):
-        rows = report.without_stale_commit_metrics([fresh, stale], repo)
+    with caplog.at_level(logging.INFO, logger="biasdd.study"):
+        rows = experiments.without_stale_commit_metrics([fresh, stale], repo)
     assert sorted(rows[0]["data"]["metrics"]) == sorted(metrics)
     kept = sorted(rows[1]["data"]["metrics"])
     assert kept == sorted(p for p in metrics if "/dc.json" not in p or p.startswith("metrics/bias/"))
     assert rows[1]["experiments"][0]["revs"][0]["data"]["metrics"] == metrics
     assert f"not reported: {stale_rev[:7]}" in caplog.text
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert report.stale_metrics(lock, yaml.safe_load((repo / "dvc.yaml").read_text()), params) == {}
+    assert experiments.stale_metrics(lock, yaml.safe_load((repo / "dvc.yaml").read_text()), params) == {}
 
 
 def test_commits_that_cannot_be_checked_keep_their_metrics(monkeypatch, tmp_path):
@@ -536,19 +538,19 @@ def test_commits_that_cannot_be_checked_keep_their_metrics(monkeypatch, tmp_path
     rows = [
         _row(r, None, "2026-01-01T00:00:00", _all(0.5, names=["dc", "dm"]), params) for r in (broken, rev)
     ]
-    checked = report.without_stale_commit_metrics(rows, repo)
+    checked = experiments.without_stale_commit_metrics(rows, repo)
     assert checked[0] == rows[0]  # the broken lock: kept
     (repo / "dvc.lock").write_text("stages: {distill@dc: {outs: [no-path-key]}}")  # valid YAML, odd layout
     run(repo, "git", "commit", "-qam", "an odd lock")
     odd = _row(run(repo, "git", "rev-parse", "HEAD").strip(), None, None, rows[0]["data"]["metrics"], params)
-    assert report.without_stale_commit_metrics([odd], repo) == [odd]
+    assert experiments.without_stale_commit_metrics([odd], repo) == [odd]
     assert "metrics/test_conflicting/dc.json" not in checked[1]["data"]["metrics"]  # the other is checked
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(report.subprocess, "run", no_git)
-    assert report.without_stale_commit_metrics(rows, repo) == rows
+    monkeypatch.setattr(experiments.subprocess, "run", no_git)
+    assert experiments.without_stale_commit_metrics(rows, repo) == rows
 
 
 def test_no_metrics_anywhere(tmp_path, caplog):
@@ -562,7 +564,15 @@ def test_cli_reads_saved_json(tmp_path):
     saved = tmp_path / "show.json"
     saved.write_text(json.dumps(_exp_show()))
     out = subprocess.run(
-        [sys.executable, "-m", "biasdd.report", "--exp-show-json", str(saved), "--out", str(tmp_path / "r")],
+        [
+            sys.executable,
+            "-m",
+            "biasdd.study.report",
+            "--exp-show-json",
+            str(saved),
+            "--out",
+            str(tmp_path / "r"),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -580,7 +590,7 @@ def test_cli_bad_input_is_one_line(monkeypatch, tmp_path, caplog):
             cmd, 1, stdout="", stderr="ERROR: you are not inside of a DVC repository"
         )
 
-    monkeypatch.setattr(report, "run_tool", no_repo)
+    monkeypatch.setattr(experiments, "run_tool", no_repo)
     cases = [
         (["--exp-show-json", str(tmp_path / "absent.json")], "absent.json: [Errno 2]"),
         (["--exp-show-json", str(tmp_path / "bad.json")], "bad.json: Expecting property name"),
@@ -675,7 +685,7 @@ def test_start_queue_returns_while_the_workers_run(monkeypatch, tmp_path):
         "echo \"Started '2' new experiments task queue workers.\"\n"
     )
     fake.chmod(0o755)
-    monkeypatch.setattr(report, "dvc_executable", lambda: str(fake))
+    monkeypatch.setattr(tools, "dvc_executable", lambda: str(fake))
     result = grid.start_queue(tmp_path, 2)
     worker = int((tmp_path / "worker.pid").read_text())
     try:
@@ -690,7 +700,7 @@ def test_dvc_subprocesses_find_this_environments_tools(monkeypatch, tmp_path):
     """From an un-activated venv, `dvc queue start` spawned its worker as `dvc` from PATH, found none
     and left the queue without a worker: grid's subprocesses put this environment's bin first."""
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    found = report.run_tool(["sh", "-c", "command -v dvc; command -v python"], tmp_path).stdout.split()
+    found = tools.run_tool(["sh", "-c", "command -v dvc; command -v python"], tmp_path).stdout.split()
     bin_dir = Path(sys.executable).parent
     assert found == [str(bin_dir / "dvc"), str(bin_dir / "python")]
 
@@ -710,8 +720,10 @@ def test_queue_run_and_report_tiny(tmp_path):
     counts = grid.wait(repo, poll_s=5, timeout_s=600)
     assert counts == {"Success": 2}, run(repo, "dvc", "queue", "logs", cells[0].name)
     run(repo, "dvc", "queue", "stop")  # workers exit on an empty queue; make sure
-    assert not report.workspace_is_current(repo)  # the workspace itself never ran: `dvc status` lists stages
-    written = report.write_report(report.exp_show_json(repo), tmp_path / "reports")
+    assert not experiments.workspace_is_current(
+        repo
+    )  # the workspace itself never ran: `dvc status` lists stages
+    written = report.write_report(experiments.exp_show_json(repo), tmp_path / "reports")
     assert list(written) == ["quick", "quick~distill.repeats=1"]
     row = _csv(tmp_path / "reports/quick/table2_test_conflicting.csv")["CMNIST-DD rho=1"]
     assert row["severity 1"] and not row["severity 2"] and not row["severity 3"] and not row["severity 4"]
@@ -727,11 +739,11 @@ def test_queue_run_and_report_tiny(tmp_path):
     assert full == {("1", "full"), ("2", "full")}  # both experiments' full sets: the same settings
 
 
-def _grid(values: dict[tuple[float, str], tuple[float, float]]) -> dict[tuple, report.Cell]:
+def _grid(values: dict[tuple[float, str], tuple[float, float]]) -> dict[tuple, cellmod.Cell]:
     """Table 1 cells of CMNIST-DD (quick, severity 4, test_conflicting): {(ratio, name): (mean %, std %)}."""
     cells = {}
     for (ratio, name), (mean, std) in values.items():
-        cell = report.Cell(
+        cell = cellmod.Cell(
             "quick", "cmnist", ratio, 4, name, "test_conflicting", mean / 100, std / 100, 3, "exp", None
         )
         cells[cell.position] = cell
@@ -748,7 +760,7 @@ QUICK_TABLE1 = {
 
 
 def test_findings_state_each_margin_and_flag_those_inside_the_spread():
-    found = report.findings(_grid(QUICK_TABLE1), "quick")
+    found = findings.findings(_grid(QUICK_TABLE1), "quick")
     assert [f.verdict for f in found] == [
         "reproduced: by 2.53 points",
         "reproduced: by 0.27 points, less than the spread (1.06)",
@@ -761,12 +773,12 @@ def test_findings_state_each_margin_and_flag_those_inside_the_spread():
 def test_findings_say_what_misses_and_what_was_not_measured(tmp_path):
     one_dc = {**QUICK_TABLE1, (0.1, "dc"): (87.85, 0.61)}  # the one-distillation default's DC
     del one_dc[(1.0, "full")]
-    found = report.findings(_grid(one_dc), "quick")
+    found = findings.findings(_grid(one_dc), "quick")
     assert found[1].verdict == "not reproduced: misses by 0.85 points"
     assert found[3].verdict == "not measured (a cell is missing)" and "Full set -" in found[3].values
     dm_above = {**QUICK_TABLE1, (0.95, "dm"): (15.00, 1.0)}
-    assert report.findings(_grid(dm_above), "quick")[2].verdict == "not reproduced: misses by 0.80 points"
-    text = report.findings_markdown(found, "quick")
+    assert findings.findings(_grid(dm_above), "quick")[2].verdict == "not reproduced: misses by 0.80 points"
+    text = findings.findings_markdown(found, "quick")
     assert "budget: quick (REDUCED budget" in text and "| rho 0.1: every method within 10 points" in text
 
 

@@ -4,15 +4,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biasdd import sources
-from biasdd.io import md5_file
-from biasdd.sources import DownloadConfig, SourceError, load_base
+from biasdd.artifacts import md5_file
+from biasdd.pipeline import download
+from biasdd.pipeline.download import DownloadConfig, SourceError, load_base
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
 
 def test_embedded_mnist_is_the_original(monkeypatch):
-    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
     base = load_base("cmnist", None, EMBEDDED, Path("/nonexistent"), allow_download=False)
     assert base.train_images.shape == (60000, 28, 28) and base.train_images.dtype == np.uint8
     assert base.test_images.shape == (10000, 28, 28)
@@ -36,13 +36,13 @@ def test_embedded_mnist_is_the_original(monkeypatch):
 def test_mirror_comes_first_and_env_overrides_params(fake_mnist, monkeypatch):
     root, checksums, arrays = fake_mnist
     for name, digest in checksums.items():
-        monkeypatch.setitem(sources.MNIST_FILES, name, digest)
+        monkeypatch.setitem(download.MNIST_FILES, name, digest)
     base = load_base("cmnist", str(root), EMBEDDED, Path("/nonexistent"), allow_download=False)
     assert base.source.startswith("mirror")
     np.testing.assert_array_equal(base.train_images, arrays["train_images"])
     np.testing.assert_array_equal(base.test_labels, arrays["test_labels"])
     # the environment variable wins over the params key
-    monkeypatch.setenv(sources.MIRROR_ENV, str(root))
+    monkeypatch.setenv(download.MIRROR_ENV, str(root))
     base = load_base("cmnist", "/does/not/exist", EMBEDDED, Path("/nonexistent"), allow_download=False)
     assert base.source.startswith("mirror")
 
@@ -56,7 +56,7 @@ def test_wrong_md5_names_the_file(fake_mnist):
 def test_cifar_batches_and_archive(fake_cifar, monkeypatch, tmp_path):
     root, checksums, arrays = fake_cifar
     for name, digest in checksums.items():
-        monkeypatch.setitem(sources.CIFAR10_FILES, name, digest)
+        monkeypatch.setitem(download.CIFAR10_FILES, name, digest)
     base = load_base("ccifar10", str(root), EMBEDDED, tmp_path / "cache", allow_download=False)
     assert base.train_images.shape == (100, 32, 32, 3)
     np.testing.assert_array_equal(base.train_images, arrays["train_images"])
@@ -65,17 +65,17 @@ def test_cifar_batches_and_archive(fake_cifar, monkeypatch, tmp_path):
     # the same files as the original .tar.gz archive
     archive_root = tmp_path / "archive"
     archive_root.mkdir()
-    archive = archive_root / sources.CIFAR10_ARCHIVE[0]
+    archive = archive_root / download.CIFAR10_ARCHIVE[0]
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(root / sources.CIFAR10_DIR, arcname=sources.CIFAR10_DIR)
-    from_archive = sources.load_cifar(archive, archive_md5=md5_file(archive))
+        tar.add(root / download.CIFAR10_DIR, arcname=download.CIFAR10_DIR)
+    from_archive = download.load_cifar(archive, archive_md5=md5_file(archive))
     np.testing.assert_array_equal(from_archive[0], arrays["train_images"])
     with pytest.raises(SourceError, match="cifar-10-python.tar.gz: MD5 mismatch"):
-        sources.load_cifar(archive)
+        download.load_cifar(archive)
 
 
 def test_no_source_says_how_to_provide(tmp_path, monkeypatch):
-    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
     with pytest.raises(SourceError, match="BIASDD_DATA_MIRROR"):
         load_base("ccifar10", None, EMBEDDED, tmp_path / "cache", allow_download=False)
     with pytest.raises(SourceError, match="is not a folder"):
@@ -83,12 +83,12 @@ def test_no_source_says_how_to_provide(tmp_path, monkeypatch):
 
 
 def test_download_failure_is_reported(tmp_path, monkeypatch):
-    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
 
     def offline(base, cache_dir):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(sources, "_torchvision_download", offline)
+    monkeypatch.setattr(download, "_torchvision_download", offline)
     with pytest.raises(SourceError, match="network unreachable.*download.mirror"):
         load_base("ccifar10", None, EMBEDDED, tmp_path / "cache")
 
@@ -100,7 +100,7 @@ def test_idx_reader_rejects_other_files(tmp_path):
     with gzip.open(bad, "wb") as f:
         f.write(b"\x00\x00\x00\x07" + bytes(8))
     with pytest.raises(SourceError, match="magic 7"):
-        sources.read_idx_gz(bad)
+        download.read_idx_gz(bad)
 
 
 @pytest.mark.parametrize(

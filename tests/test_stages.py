@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biasdd import distillation, evaluate, io
-from biasdd.config import compose_params, load_params
+from biasdd import artifacts
 from biasdd.distill import METHODS
+from biasdd.params import compose_params, load_params
+from biasdd.pipeline import distill as distill_stage
+from biasdd.pipeline import evaluate
 
 from .tiny import REPO, make_repo, run, tiny_params
 
@@ -121,7 +123,7 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path, biased):
     params = _params(tmp_path)
     out, checkpoints = tmp_path / "a.h5", tmp_path / "ck"
     checkpoints.mkdir()
-    io.save_checkpoint(checkpoints / "dm_repeat0.pt", {"fingerprint": "other", "state": {}})
+    artifacts.save_checkpoint(checkpoints / "dm_repeat0.pt", {"fingerprint": "other", "state": {}})
     result = _stage("distill", *_distill_args(params, biased, out, checkpoints))
     assert "made by other params or data" in result.stderr and out.exists()
 
@@ -179,17 +181,17 @@ def test_a_method_s_own_repeats_override_the_shared_count(tmp_path, biased):
         p["distill"]["dsa"].pop("repeats")
 
     params = load_params(_params(tmp_path, edit))
-    assert distillation.configure(params, "dm").shared.repeats == 3
-    assert distillation.configure(params, "dc").shared.repeats == 1  # null in conf/
-    assert distillation.configure(params, "dsa").shared.repeats == 1  # absent
+    assert distill_stage.configure(params, "dm").shared.repeats == 3
+    assert distill_stage.configure(params, "dc").shared.repeats == 1  # null in conf/
+    assert distill_stage.configure(params, "dsa").shared.repeats == 1  # absent
     # the count is recorded once, as the shared field, not inside the method's own config
-    provenance = distillation.configure(params, "dm").provenance()
+    provenance = distill_stage.configure(params, "dm").provenance()
     assert provenance["repeats"] == 3 and "repeats" not in provenance["config"]
     out = tmp_path / "dm.h5"
     _stage("distill", *_distill_args(_params(tmp_path, edit), biased, out, tmp_path / "ck"))
-    groups = io.list_groups(out, kind="synthetic")
+    groups = artifacts.list_groups(out, kind="synthetic")
     assert sorted(g for g in groups if g.startswith("repeat_")) == ["repeat_0", "repeat_1", "repeat_2"]
-    assert io.read_attrs(out, kind="synthetic")["repeats"] == 3
+    assert artifacts.read_attrs(out, kind="synthetic")["repeats"] == 3
 
 
 def test_debug_switch_keeps_the_traceback(tmp_path, biased):
@@ -214,7 +216,7 @@ def test_broken_input_artifact_is_one_line_naming_file_and_fix(tmp_path, biased,
     if broken == "truncated":
         data.write_bytes(biased.read_bytes()[: biased.stat().st_size // 3])
     elif broken == "foreign":
-        io.write_h5(
+        artifacts.write_h5(
             data, {"train": {"images": __import__("numpy").zeros((2, 28, 28), "uint8")}}, {}, kind="base"
         )
     params = _params(tmp_path)
@@ -236,7 +238,7 @@ def test_broken_input_artifact_is_one_line_naming_file_and_fix(tmp_path, biased,
 def test_unknown_method_and_augment_name_the_valid_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):
-        distillation.configure(params, "mtt")
+        distill_stage.configure(params, "mtt")
     with pytest.raises(
         ValueError,
         match=r"evaluate\.synthetic\.schedule\.cmnist\.dm\.augment: 'mixup' is not valid; choose one of "
@@ -278,7 +280,7 @@ def test_registry_conf_and_dvc_yaml_agree():
             assert composed["budget"] == budget
             composed["device"] = "cpu"
             for method in METHODS:
-                distillation.configure(composed, method)
+                distill_stage.configure(composed, method)
                 evaluate.configure(composed, method)
             evaluate.configure(composed, "full")
     # the paper budget is the study's numbers (docs/protocol.md §5-7)
@@ -319,7 +321,7 @@ def test_gpu_dm_cell_script_runs_on_the_cpu(tmp_path, biased):
 
 
 def test_artifact_bytes_change_only_with_the_code_the_stage_runs(tmp_path):
-    """An artifact records the version of the code that made it (`io.code_version`): of the modules its
+    """An artifact records the version of the code that made it (`artifacts.code_version`): of the modules its
     stage imports, which are its code deps, and no others. Hashing the whole package made a clean clone's
     `dvc repro` write other bytes, so another dvc.lock, than its commit whenever a module the stage does
     not run (here the report) had changed since the stage last ran."""
@@ -334,13 +336,13 @@ def test_artifact_bytes_change_only_with_the_code_the_stage_runs(tmp_path):
              "--embedded", str(REPO / "data/embedded"), "--out", str(out)],
             check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(src)},
         )  # fmt: skip
-        assert io.read_attrs(out, kind="base")["code_version"]
-        return io.md5_file(out)
+        assert artifacts.read_attrs(out, kind="base")["code_version"]
+        return artifacts.md5_file(out)
 
     first = download()
-    report = src / "biasdd" / "report.py"
+    report = src / "biasdd" / "study" / "report.py"
     report.write_text(report.read_text() + "\n# an edit to a module download does not run\n")
     assert download() == first
-    sources = src / "biasdd" / "sources.py"
+    sources = src / "biasdd" / "pipeline" / "download.py"
     sources.write_text(sources.read_text() + "\n# an edit to a module download runs\n")
     assert download() != first

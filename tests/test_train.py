@@ -1,5 +1,5 @@
-"""Tests for biasdd.train: stacked (vmapped) training == one-by-one == a plain sequential loop, the LR
-schedule, the config, and compiled == eager."""
+"""Tests for biasdd.training.trainer: stacked (vmapped) training == one-by-one == a plain sequential loop,
+the LR schedule, the config, and compiled == eager."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biasdd.compute import ComputeConfig
 from biasdd.config import from_dict
-from biasdd.nets import build_network
-from biasdd.train import TrainConfig, lr_at, train_networks
+from biasdd.training.compute import ComputeConfig
+from biasdd.training.nets import build_network
+from biasdd.training.trainer import TrainConfig, lr_at, train_networks
 
 NUM_CLASSES = 3
 IM_SIZE = 8

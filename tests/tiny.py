@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from biasdd.config import compose_params
+from biasdd.params import compose_params
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "conf", "stages", "src", "data/embedded", ".dvcignore"]

@@ -6,26 +6,19 @@ declares what is valid ONCE, in its annotation: a type, `Literal[...]` choices, 
 check every field against it, and every error names the full key (`distill.dm.iterations`) and the
 valid values, before any long computation.
 
-`params.yaml` holds the values a run actually uses: DVC composes it from `conf/` (Hydra) on every
-`dvc exp run`, with the budget as a config group, so `dvc params diff` shows what ran.
+Reading `params.yaml` and composing it from `conf/` live in `biasdd.params`.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
-import hashlib
-import json
-import logging
 import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
-
-import yaml
 
 from biasdd.errors import ConfigError, UnknownKeyError
 
@@ -221,24 +214,6 @@ def from_dict(cls: type[T], values: Mapping[str, Any], where: str, read_apart: I
         _WHERE.reset(token)
 
 
-# --- params.yaml ------------------------------------------------------------------------------------
-
-
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read `params.yaml` into a plain dict."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such params file (run from the repository root)")
-    try:
-        with open(path) as f:
-            params = yaml.safe_load(f)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
-    return params
-
-
 def section(params: Mapping[str, Any], *keys: str) -> Any:
     """The value at `keys` (e.g. `"distill", "dm"`); a missing key is an error naming the full key."""
     node: Any = params
@@ -247,40 +222,3 @@ def section(params: Mapping[str, Any], *keys: str) -> Any:
             raise UnknownKeyError(f"params: missing key {'.'.join(keys[: depth + 1])!r}")
         node = node[key]
     return node
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Stage entry points log to stderr with timestamps; library code only calls getLogger."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def derive_seed(seed: int, *names: str | int) -> int:
-    """A sub-seed for (`seed`, names...), e.g. ("distill", "dm", 0); stable across runs and machines."""
-    digest = hashlib.sha256(json.dumps([seed, *names]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
-
-
-def compose_params(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """params.yaml's text as `dvc exp run` composes it from `conf_dir` (Hydra, config `config`), with
-    `overrides` such as `budget=paper`. For `dvc repro` after editing conf/ (and for tests); needs
-    hydra-core, which DVC brings."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    OmegaConf.resolve(cfg)
-    return OmegaConf.to_yaml(cfg)
-
-
-def main_compose(argv: list[str] | None = None) -> None:
-    """`biasdd-params [overrides...]`: rewrite params.yaml from conf/ (what `dvc exp run` does first)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="biasdd-params", description=main_compose.__doc__)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. budget=paper bias_ratio=0.8")
-    parser.add_argument("--conf", default="conf", help="the config folder (default: conf)")
-    parser.add_argument("--out", default="params.yaml", help="where to write (default: params.yaml)")
-    args = parser.parse_args(argv)
-    Path(args.out).write_text(compose_params(args.conf, args.overrides), encoding="utf-8")
-    print(f"wrote {args.out} from {args.conf}/ {' '.join(args.overrides)}".rstrip())

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from biasdd import io
+from biasdd import artifacts
+from biasdd.vocab import SPLITS
 
-SPLITS = ("train", "test_conflicting", "test_uniform")
 CLASSES = {
     "cmnist": [str(d) for d in range(10)],
     "ccifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
@@ -67,8 +67,8 @@ class BiasedDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split: {split!r} is not valid; choose one of {list(SPLITS)}")
-        data = io.read_h5(source, split, ("images", "labels", "attributes"), kind="biased")
-        attrs = io.read_attrs(source, kind="biased")
+        data = artifacts.read_h5(source, split, ("images", "labels", "attributes"), kind="biased")
+        attrs = artifacts.read_attrs(source, kind="biased")
         self.split = split
         self.dataset = str(attrs.get("dataset"))
         self.bias_ratio = attrs.get("bias_ratio")
@@ -77,7 +77,7 @@ class BiasedDataset(Dataset):
         self.targets = torch.from_numpy(data["labels"].astype(np.int64))
         self.attributes = torch.from_numpy(data["attributes"].astype(np.int64))
         self.classes = CLASSES.get(self.dataset, [str(c) for c in range(int(self.targets.max()) + 1)])
-        stats = io.read_h5(source, "train", ("mean", "std"), kind="biased")
+        stats = artifacts.read_h5(source, "train", ("mean", "std"), kind="biased")
         self.mean, self.std = stats["mean"], stats["std"]  # of the training split, in [0, 1] units
         self.transform = transform
         self.target_transform = target_transform
@@ -126,14 +126,14 @@ class SyntheticDataset(Dataset):
         target_transform: Callable[[int], Any] | None = None,
         normalised: bool = True,
     ) -> None:
-        groups = [g for g in io.list_groups(source, kind="synthetic") if g.startswith("repeat_")]
+        groups = [g for g in artifacts.list_groups(source, kind="synthetic") if g.startswith("repeat_")]
         if f"repeat_{repeat}" not in groups:
             raise ValueError(
                 f"repeat: {repeat!r} is not valid; this file holds {len(groups)} distillation(s)"
             )
-        data = io.read_h5(source, f"repeat_{repeat}", ("images", "labels"), kind="synthetic")
-        norm = io.read_h5(source, "normalisation", ("mean", "std"), kind="synthetic")
-        attrs = io.read_attrs(source, kind="synthetic")
+        data = artifacts.read_h5(source, f"repeat_{repeat}", ("images", "labels"), kind="synthetic")
+        norm = artifacts.read_h5(source, "normalisation", ("mean", "std"), kind="synthetic")
+        attrs = artifacts.read_attrs(source, kind="synthetic")
         self.method = attrs.get("method")
         self.budget = attrs.get("budget")
         self.dataset = str(attrs.get("dataset"))

@@ -9,7 +9,7 @@ augmentation in the steps and per-sample augmentation in the network's training.
 Per-class gradients: on accelerators, `torch.func.vmap` over the class axis of `torch.func.grad`
 gives all K gradients from one batched pass (a grouped convolution); on the CPU, where grouped
 convolutions measured 2-10x slower, a loop over classes. The real side (a constant target, no graph)
-runs through the compute settings (`biasdd.compute`: bf16, torch.compile on the CPU); the synthetic
+runs through the compute settings (`biasdd.training.compute`: bf16, torch.compile on the CPU); the synthetic
 side needs the graph of its gradient (double backward, which torch.compile does not support) and runs
 eagerly in fp32. Both paths are tested against a plain per-class reference (tests/test_distill.py).
 
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from biasdd.augment import DSAConfig, dsa_augment
-from biasdd.compute import FP32, NetworkRunner, full_precision
 from biasdd.config import PositiveFloat, PositiveInt
 from biasdd.distill.driver import Batch, Context, DistillConfig
+from biasdd.training.augment import DSAConfig, dsa_augment
+from biasdd.training.compute import FP32, NetworkRunner, full_precision
 
 logger = logging.getLogger(__name__)
 

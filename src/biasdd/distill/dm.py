@@ -4,7 +4,7 @@ What DM adds to the driver (docs/protocol.md §6): one image step per outer iter
 frozen network, matching per-class mean embeddings:
 loss = sum_c || mean embed(aug(real_c)) - mean embed(aug(syn_c)) ||^2 (the driver applies the siamese
 DSA). The real side is a constant target: embedded without a graph, in cache-sized chunks on the CPU
-and through the compute settings (`biasdd.compute`); the synthetic side is one differentiable pass.
+and through the compute settings (`biasdd.training.compute`); the synthetic side is one differentiable pass.
 
 Debiased targets (docs/protocol.md §9): the real batch of class c is drawn by importance sampling from
 the debiasing weights, so its plain mean embedding estimates the weighted mean mu_g; with a repulsion
@@ -20,8 +20,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from biasdd.compute import FP32, NetworkRunner
 from biasdd.distill.driver import Batch, Context, DistillConfig
+from biasdd.training.compute import FP32, NetworkRunner
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from biasdd.augment import DSAConfig, dsa_augment
-from biasdd.compute import FP32, ComputeConfig, NetworkRunner
 from biasdd.config import Config, Fraction, PositiveFloat, PositiveInt
 from biasdd.distill.sampling import ClassSampler, DebiasTargets, RealSampling, Sampler, real_sampling
+from biasdd.training.augment import DSAConfig, dsa_augment
+from biasdd.training.compute import FP32, ComputeConfig, NetworkRunner
 
 logger = logging.getLogger(__name__)
 

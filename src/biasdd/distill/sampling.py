@@ -154,7 +154,7 @@ Sampler = ClassSampler | WeightedClassSampler
 
 @dataclass(frozen=True)
 class DebiasTargets:
-    """How the real side of a matching loss is debiased (built by `biasdd.debias.debias_targets`).
+    """How the real side of a matching loss is debiased (built by `biasdd.distill.debias.debias_targets`).
 
     weights (N,) >= 0: per-sample weight of the unbiased target A_g within each class (only ratios within
         a class matter); None = uniform, i.e. today's target.

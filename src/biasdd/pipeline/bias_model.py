@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biasdd.compute import FP32, ComputeConfig
-from biasdd.config import Config, PositiveFloat, PositiveInt, Range, derive_seed, from_dict, section
-from biasdd.data import load_split, train_stats
-from biasdd.run import RunConfig, net_factory, run_config
-from biasdd.train import predict_logits, train_steps
+from biasdd.config import Config, PositiveFloat, PositiveInt, Range, from_dict, section
+from biasdd.training.compute import FP32, ComputeConfig
+from biasdd.training.data import load_split, train_stats
+from biasdd.training.runtime import RunConfig, derive_seed, net_factory, run_config, start
+from biasdd.training.trainer import predict_logits, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def configure(params: Mapping[str, Any]) -> BiasModelSetup:
 
 def run(setup: BiasModelSetup, data_path: Path, progress: bool = True) -> dict:
     """The GCE-biased model's score of every training sample: {"train": {"scores": (N,) float32}}."""
+    setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     mean, std = train_stats(data_path)
     train = load_split(data_path, "train", mean, std)
     images = train.images.to(setup.run.device)

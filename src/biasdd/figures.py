@@ -10,7 +10,7 @@ Everything renders offline (Agg backend, no web fonts or CDNs).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-SPLITS = ("test_conflicting", "test_uniform")
+from biasdd.vocab import FULL, METHODS, ROW_TITLES, TABLE1_SEVERITY, TEST_SPLITS  # noqa: E402
+
+SPLITS = TEST_SPLITS
+
 SPLIT_TITLES = {
     "test_conflicting": "unbiased test (rho = 0, study)",
     "test_uniform": "uniform test (rho = 0.1)",
@@ -143,43 +146,6 @@ def synthetic_grid(
     _save(fig, path)
 
 
-def accuracy_rows(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (name, split): the series behind the accuracy figure and `dvc plots`."""
-    rows = []
-    for name, m in metrics.items():
-        for split in SPLITS:
-            s = m[split]
-            rows.append(
-                {
-                    "name": name,
-                    "split": split,
-                    "accuracy": _pct(s["accuracy"]["mean"]),
-                    "accuracy_std": _pct(s["accuracy"]["std"]),
-                    "aligned_accuracy": _pct(s["aligned_accuracy"]["mean"]),
-                    "conflicting_accuracy": _pct(s["conflicting_accuracy"]["mean"]),
-                    "worst_group_accuracy": _pct(s["worst_group_accuracy"]["mean"]),
-                    "n_repeats": m.get("n_repeats"),
-                    "budget": m.get("budget"),
-                }
-            )
-    return rows
-
-
-def _pct(value: float | None) -> float | None:
-    return None if value is None else round(100.0 * value, 4)
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        path.write_text("")
-        return
-    keys = list(rows[0])
-    lines = [",".join(keys)]
-    lines += [",".join("" if r[k] is None else str(r[k]) for k in keys) for r in rows]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def accuracy_figure(metrics: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
     """Bars per method (mean +- std over repeats) with the full set's mean as a band, both test splits."""
     names = [n for n in metrics if n != "full"]
@@ -230,9 +196,39 @@ def loss_figure(curves: Mapping[str, np.ndarray], path: Path, title: str) -> Non
 
 
 def _save(fig: Any, path: Path) -> None:
-    from biasdd.io import atomic_path
+    from biasdd.artifacts import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png", metadata={"Software": None})
     plt.close(fig)
+
+
+def curves_figure(cells: Mapping[tuple, Any], budget: str, dataset: str, path: Path, title: str) -> None:
+    """Accuracy vs bias ratio per method and the full set, error bars = std, one panel per split."""
+    from biasdd.figures import _save, plt  # the Agg backend is set there
+
+    fig, axes = plt.subplots(1, len(TEST_SPLITS), figsize=(4.6 * len(TEST_SPLITS), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], TEST_SPLITS, strict=True):
+        for method in (*METHODS, FULL):
+            points = sorted(
+                (c.bias_ratio, 100 * c.mean, 100 * c.std)
+                for c in cells.values()
+                if (c.budget, c.dataset, c.severity, c.method, c.split)
+                == (budget, dataset, TABLE1_SEVERITY, method, split)
+            )
+            if not points:
+                continue
+            x, y, err = zip(*points, strict=True)
+            style = {"color": "black", "linestyle": "--"} if method == FULL else {}
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=ROW_TITLES[method], **style)
+        ax.set_xlabel("bias ratio rho (share of bias-aligned training samples)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(0, 100)
+        ax.set_title(SPLIT_TITLES[split], fontsize=9)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

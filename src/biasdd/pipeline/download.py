@@ -20,17 +20,17 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
+from biasdd.artifacts import md5_file
 from biasdd.config import Config, Range, check_value, from_dict, section
-from biasdd.io import md5_file
+from biasdd.vocab import DATASETS, Dataset  # noqa: F401 (DATASETS: BASE_OF's keys)
 
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "BIASDD_DATA_MIRROR"
-DATASETS = ("cmnist", "ccifar10")
 BASE_OF = {"cmnist": "mnist", "ccifar10": "cifar10"}
 
 # torchvision.datasets.MNIST.resources / CIFAR10.train_list, test_list, tgz_md5.
@@ -58,7 +58,7 @@ class DownloadConfig(Config):
 
     SECTION: ClassVar[str] = "download"
 
-    dataset: Literal["cmnist", "ccifar10"]
+    dataset: Dataset
     mirror: str | None  # folder in torchvision's layout; env BIASDD_DATA_MIRROR wins
     cache_dir: str  # where torchvision's download goes when it is the source
     limit_train: Annotated[int, Range(ge=10)] | None  # keep the first n images of each split (null = all)
@@ -66,7 +66,7 @@ class DownloadConfig(Config):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> DownloadConfig:
-        dataset = check_value("dataset", section(params, "dataset"), Literal["cmnist", "ccifar10"])
+        dataset = check_value("dataset", section(params, "dataset"), Dataset)
         return from_dict(cls, {"dataset": dataset, **section(params, "download")}, "download")
 
 

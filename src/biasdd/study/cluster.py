@@ -11,7 +11,7 @@ Cost: the cells' own time divided by the GPUs (or CPU slots) of the cluster, plu
 and DVC transfers; README.md (the cluster section) has the cost model and measured times.
 
 What the driver (`run`) does, in the repository it is started in:
-1. the grid's cells (`biasdd.grid.grid_cells`, the options of `biasdd-grid queue`); a cell whose
+1. the grid's cells (`biasdd.study.grid.grid_cells`, the options of `biasdd-grid queue`); a cell whose
    experiment is already on the git remote (`refs/exps/<base>/<name>`) is skipped, so re-running the
    driver only runs what is missing or failed;
 2. pushes the committed HEAD (the experiments' base commit) to the git remote as
@@ -57,8 +57,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from biasdd.grid import BIAS_RATIOS, BUDGETS, DATASETS, GridCell, grid_cells
-from biasdd.report import CLUSTER_STATUS, tool_command, tool_environment
+from biasdd.study.grid import BIAS_RATIOS, BUDGETS, DATASETS, GridCell, grid_cells
+from biasdd.study.tools import CLUSTER_STATUS, tool_command, tool_environment
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 full biased set, then score them per group on the unbiased test splits (docs/protocol.md §7).
 
 `configure(params, name)` validates every param the stage reads, before any work; `run` trains
-`evaluate.<synthetic|full>.repeats` networks (`biasdd.train`) and scores them; `metrics_files` lays
+`evaluate.<synthetic|full>.repeats` networks (`biasdd.training.trainer`) and scores them; `metrics_files` lays
 out the results: compact DVC metrics per test split and for the bias amplification
 (`metrics/<split>/<name>.json`, `metrics/bias/<name>.json`), and everything else (per-repeat values,
 aligned accuracy, sample counts, provenance) in a sidecar that is not a DVC metric
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from biasdd import io
-from biasdd.amplification import amplification_metrics
-from biasdd.augment import DCAugConfig, DSAConfig, dc_aug_config, dc_augment, dsa_augment, dsa_config
-from biasdd.compute import FP32, ComputeConfig
-from biasdd.config import Config, PositiveInt, check_value, derive_seed, from_dict, section
-from biasdd.data import NUM_CLASSES, TEST_SPLITS, load_split, train_stats
+from biasdd import artifacts
+from biasdd.config import Config, PositiveInt, check_value, from_dict, section
 from biasdd.errors import ArtifactError, ConfigError, UnknownKeyError
-from biasdd.run import RunConfig, net_factory, run_config
-from biasdd.train import Augment, NetworkEnsemble, TrainConfig, train_networks
+from biasdd.pipeline.bias_classifier import amplification_metrics
+from biasdd.training.augment import DCAugConfig, DSAConfig, dc_aug_config, dc_augment, dsa_augment, dsa_config
+from biasdd.training.compute import FP32, ComputeConfig
+from biasdd.training.data import NUM_CLASSES, TEST_SPLITS, load_split, train_stats
+from biasdd.training.runtime import RunConfig, derive_seed, net_factory, run_config, start
+from biasdd.training.trainer import Augment, NetworkEnsemble, TrainConfig, train_networks
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def run(
     distillation r (mod the number of distillations), so each repeat is a new distillation seed and a
     new evaluation network (docs/protocol.md §7).
     """
+    setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     mean, std = train_stats(data_path)
     device = setup.run.device
     if synthetic_path is None:
@@ -152,14 +153,15 @@ def run(
         labels: Tensor = train.labels.to(device)
         sets = 1
     else:
-        groups = [g for g in io.list_groups(synthetic_path, kind="synthetic") if g.startswith("repeat_")]
+        groups = [
+            g for g in artifacts.list_groups(synthetic_path, kind="synthetic") if g.startswith("repeat_")
+        ]
         sets = len(groups)
         if sets == 0:
-            raise ArtifactError(
-                f"{synthetic_path}: no distilled set in it; {io._rebuild_hint(synthetic_path, 'synthetic')}"
-            )
+            hint = artifacts._rebuild_hint(synthetic_path, "synthetic")
+            raise ArtifactError(f"{synthetic_path}: no distilled set in it; {hint}")
         per_net = [
-            io.read_h5(synthetic_path, f"repeat_{r % sets}", ("images", "labels"), kind="synthetic")
+            artifacts.read_h5(synthetic_path, f"repeat_{r % sets}", ("images", "labels"), kind="synthetic")
             for r in range(setup.shared.repeats)
         ]
         images = torch.stack([torch.from_numpy(d["images"]) for d in per_net]).to(device)  # (R, N, C, H, W)
@@ -189,7 +191,7 @@ def run(
     results = evaluate_ensemble(
         ensemble, splits, NUM_CLASSES, batch_size=setup.shared.batch_test, compute=setup.run.compute
     )
-    data_attrs = io.read_attrs(data_path, kind="biased")
+    data_attrs = artifacts.read_attrs(data_path, kind="biased")
     out: dict[str, Any] = {
         "name": setup.name,
         "budget": setup.run.budget,

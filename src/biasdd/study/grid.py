@@ -4,9 +4,9 @@
                       [--severity-sweep] [--budget quick] [--set KEY=VALUE ...] [--dry-run] [--start -j N]
     biasdd-grid wait                     # block until the queue has no queued or running experiment
     dvc queue start -j N                 # what `--start -j N` runs: N experiments at a time; on a GPU
-                                         # machine N = its number of GPUs (each takes one: biasdd.lease)
+                                         # machine N = its number of GPUs (each leases one)
     dvc queue status                     # queued / running / success / failed
-    biasdd-report                        # Table 1, Table 2 and curves (biasdd.report)
+    biasdd-report                        # Table 1, Table 2 and curves (biasdd.study.report)
 
 Cost: queueing is ~1 s per experiment; each experiment is a whole `dvc repro` in its own temporary
 copy of the repository (quick budget, 2-core CPU: about 6 min for CMNIST; `paper` needs a GPU for hours).
@@ -40,16 +40,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from biasdd.report import run_tool, tool_command, tool_environment
+from biasdd.study.tools import run_tool, tool_command, tool_environment
+from biasdd.vocab import BIAS_RATIOS, BUDGETS, DATASETS, SEVERITIES, SWEEP_RATIOS, TABLE1_SEVERITY
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cmnist", "ccifar10")
-BIAS_RATIOS = (0.0, 0.1, 0.5, 0.8, 0.95, 1.0)
-TABLE1_SEVERITY = 4
-SWEEP_RATIOS = (0.0, 1.0)
-SEVERITIES = (1, 2, 3, 4)
-BUDGETS = ("quick", "hour", "paper")
 SWEEP_METHODS = ("dm",)
 GRID_KEYS = ("dataset", "bias_ratio", "severity", "budget", "methods")  # set per cell by the grid
 

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biasdd import io
-from biasdd.compute import FP32, ComputeConfig
-from biasdd.config import Config, PositiveFloat, PositiveInt, derive_seed, from_dict, section
-from biasdd.data import NUM_CLASSES, load_split, train_stats
-from biasdd.nets import build_network
-from biasdd.run import RunConfig, net_factory, run_config
-from biasdd.train import predict_logits, train_steps
+from biasdd import artifacts
+from biasdd.config import Config, PositiveFloat, PositiveInt, from_dict, section
+from biasdd.training.compute import FP32, ComputeConfig
+from biasdd.training.data import NUM_CLASSES, load_split, train_stats
+from biasdd.training.nets import build_network
+from biasdd.training.runtime import RunConfig, derive_seed, net_factory, run_config, start
+from biasdd.training.trainer import predict_logits, train_steps
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,7 @@ def run(
     """(checkpoint, metrics, details) of the bias-only attribute classifier. The checkpoint holds what
     `load_bias_classifier` needs plus the real training set's aligned share (the reference); metrics
     hold its attribute accuracy (a DVC metric), details the reference shares (a sidecar file)."""
+    setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     cfg = setup.classifier
     mean, std = train_stats(data_path)
     train = load_split(data_path, "train", mean, std)
@@ -253,7 +254,7 @@ def run(
 
 def load_bias_classifier(path: Path, device: str) -> tuple[nn.Module, float | None]:
     """(classifier in eval mode on `device`, the real set's mean aligned share)."""
-    saved = io.load_checkpoint(path, kind="bias_classifier")
+    saved = artifacts.load_checkpoint(path, kind="bias_classifier")
     assert saved is not None  # with a kind, a missing file is an ArtifactError
     net = build_network(saved["net"], saved["channels"], NUM_CLASSES, saved["im_size"], saved["width"])
     net.load_state_dict(saved["state_dict"])
@@ -268,8 +269,8 @@ def amplification_metrics(classifier_path: Path, synthetic_path: Path | None, de
     if synthetic_path is None:
         return {"real_aligned_share": reference}
     per_set = []
-    for group in sorted(g for g in io.list_groups(synthetic_path) if g.startswith("repeat_")):
-        data = io.read_h5(synthetic_path, group, ("images", "labels"), kind="synthetic")
+    for group in sorted(g for g in artifacts.list_groups(synthetic_path) if g.startswith("repeat_")):
+        data = artifacts.read_h5(synthetic_path, group, ("images", "labels"), kind="synthetic")
         per_set.append(
             bias_amplification(
                 classifier, torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), NUM_CLASSES

@@ -7,21 +7,22 @@ stages that train networks (bias_model, bias_classifier, distill, evaluate).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from biasdd.compute import ComputeConfig, tune_cpu_allocator, warn_if_bf16_emulated
 from biasdd.config import Config, NonNegativeInt, PositiveInt, from_dict, section
-from biasdd.data import NUM_CLASSES
 from biasdd.errors import ConfigError
-from biasdd.lease import lease_device
-from biasdd.nets import NETWORKS, build_network
+from biasdd.training.compute import ComputeConfig, tune_cpu_allocator, warn_if_bf16_emulated
+from biasdd.training.lease import lease_device
+from biasdd.training.nets import NETWORKS, build_network
+from biasdd.vocab import NUM_CLASSES, Budget, Dataset
 
-BUDGETS = ("quick", "hour", "paper")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -35,8 +36,9 @@ def check_device(name: Any) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """`auto` and `cuda` -> a CUDA device leased for this process when CUDA is present (runs side by side
-    each get a card of their own; `biasdd.lease`), else `auto` -> cpu; `cpu` and `cuda:N` as given."""
+    """`auto` and `cuda` -> a CUDA device leased for this process when CUDA is present (runs side by
+    side each get a card of their own; `biasdd.training.lease`), else `auto` -> cpu; `cpu` and `cuda:N`
+    as given. A second call returns the same device."""
     check_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'")
@@ -63,9 +65,9 @@ class ModelConfig(Config):
 class RunKeys(Config):
     """The top-level keys a training stage reads."""
 
-    dataset: Literal["cmnist", "ccifar10"]
+    dataset: Dataset
     seed: NonNegativeInt
-    budget: Literal["quick", "hour", "paper"]
+    budget: Budget
     device: str
 
     def check(self, where: str) -> None:
@@ -79,7 +81,7 @@ class RunConfig:
     dataset: str
     seed: int
     budget: str
-    device: str  # resolved: cpu, cuda, cuda:N
+    device: str  # as asked (auto, cpu, cuda, cuda:N) until `start` resolves it (cpu, cuda:N)
     model: ModelConfig
     compute: ComputeConfig
 
@@ -94,17 +96,28 @@ class RunConfig:
 
 
 def run_config(params: Mapping[str, Any]) -> RunConfig:
-    """Validate the keys every training stage reads; resolve the device. On the CPU, also fix the
-    allocator's thresholds for the process (`biasdd.compute.tune_cpu_allocator`: no result changes) and
-    warn where bf16 is asked for on a CPU without bf16 instructions (`warn_if_bf16_emulated`)."""
+    """Validate the keys every training stage reads. No side effect: the device stays as asked (`auto`,
+    `cuda`, ...) until `start` resolves it, so validation never waits for a GPU."""
     keys = from_dict(RunKeys, {k: section(params, k) for k in ("dataset", "seed", "budget", "device")}, "")
     model = from_dict(ModelConfig, section(params, "model"), "model")
     compute = from_dict(ComputeConfig, section(params, "compute"), "compute")
-    device = resolve_device(keys.device)
+    if keys.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device: {keys.device!r} asked for, but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    return RunConfig(keys.dataset, keys.seed, keys.budget, keys.device, model, compute)
+
+
+def start(run: RunConfig) -> RunConfig:
+    """`run` with its device resolved, at the start of a stage's work: `auto`/`cuda` take a GPU lease (held
+    until the process ends; `biasdd.training.lease`). On the CPU it also fixes the allocator's thresholds
+    for the process (`compute.tune_cpu_allocator`: no result changes) and warns where bf16 is asked for
+    on a CPU without bf16 instructions (`compute.warn_if_bf16_emulated`)."""
+    device = resolve_device(run.device)
     if torch.device(device).type == "cpu":
         tune_cpu_allocator()
-        warn_if_bf16_emulated(compute)
-    return RunConfig(keys.dataset, keys.seed, keys.budget, device, model, compute)
+        warn_if_bf16_emulated(run.compute)
+    return dataclasses.replace(run, device=device)
 
 
 def net_factory(
@@ -119,3 +132,10 @@ def net_factory(
         return net.to(run.device)
 
     return make
+
+
+def derive_seed(seed: int, *names: str | int) -> int:
+    """A sub-seed for (`seed`, names...), e.g. ("distill", "dm", 0); stable across runs and machines
+    (docs/protocol.md §1: the first 8 bytes of SHA-256 of the JSON list, shifted right by one bit)."""
+    digest = hashlib.sha256(json.dumps([seed, *names]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64

@@ -20,15 +20,13 @@ from tqdm.auto import tqdm
 
 from biasdd.config import Config, NonNegativeInt, UnitInterval, check_value, from_dict, section
 from biasdd.errors import ConfigError
+from biasdd.vocab import NUM_CLASSES, SPLIT_RATIO, SPLITS, Dataset
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 CHUNK = 512  # images per random stream; fixed so that output does not depend on the worker count
-SPLITS = ("train", "test_conflicting", "test_uniform")
 # rho of each split (docs/protocol.md §2): the study's unbiased test set is rho = 0 (all conflicting);
 # `test_uniform` (rho = 1/K) is the debiasing literature's convention.
-SPLIT_RATIO = {"test_conflicting": 0.0, "test_uniform": 0.1}
 SPLIT_STREAM = {"train": 0, "test_conflicting": 1, "test_uniform": 2}
 
 
@@ -36,7 +34,7 @@ SPLIT_STREAM = {"train": 0, "test_conflicting": 1, "test_uniform": 2}
 class BiasConfig(Config):
     """The top-level params that define a biased dataset."""
 
-    dataset: Literal["cmnist", "ccifar10"]
+    dataset: Dataset
     bias_ratio: UnitInterval  # rho
     severity: Literal[1, 2, 3, 4]
     seed: NonNegativeInt
@@ -114,7 +112,7 @@ def _colour_job(args) -> np.ndarray:
 
 
 def _corrupt_job(args) -> np.ndarray:
-    from biasdd.corruptions import corrupt
+    from biasdd.pipeline.corruptions import corrupt
 
     images, attributes, severity, protocol, seed_seq = args
     rng = np.random.default_rng(seed_seq)

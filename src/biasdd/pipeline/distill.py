@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from biasdd import io
-from biasdd.augment import DSAConfig, dsa_config
-from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, derive_seed, from_dict, section
-from biasdd.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
-from biasdd.debias import DebiasConfig, debias_targets
+from biasdd import artifacts
+from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, from_dict, section
 from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
+from biasdd.distill.debias import DebiasConfig, debias_targets
 from biasdd.errors import ArtifactError, ConfigError
-from biasdd.run import RunConfig, net_factory, run_config
+from biasdd.training.augment import DSAConfig, dsa_config
+from biasdd.training.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
+from biasdd.training.runtime import RunConfig, derive_seed, net_factory, run_config, start
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def debias_targets_for(
         if bias_model_path is None:
             raise ConfigError("debias.mode 'inferred' needs --bias-model (the bias_model stage's output)")
         scores = torch.from_numpy(
-            io.read_h5(bias_model_path, "train", ("scores",), kind="bias_model")["scores"]
+            artifacts.read_h5(bias_model_path, "train", ("scores",), kind="bias_model")["scores"]
         )
         if scores.shape != labels.shape:
             raise ArtifactError(
@@ -122,15 +122,16 @@ def run(
 
     A checkpoint is used only when it was made by the same config on the same data (fingerprint).
     """
+    setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     mean, std = train_stats(data_path)
     train = load_split(data_path, "train", mean, std)
     device = setup.run.device
     images, labels = train.images.to(device), train.labels.to(device)
     channels, im_size = images.shape[1], images.shape[-1]
     targets = debias_targets_for(setup, train, labels, bias_model_path)
-    identity = {**setup.provenance(), "data": io.md5_file(data_path)}
+    identity = {**setup.provenance(), "data": artifacts.md5_file(data_path)}
     if setup.debias.mode == "inferred" and bias_model_path is not None:
-        identity["bias_model"] = io.md5_file(bias_model_path)
+        identity["bias_model"] = artifacts.md5_file(bias_model_path)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     method = METHODS[setup.method]
     results = []
@@ -141,7 +142,7 @@ def run(
         resume, on_checkpoint = None, None
         if checkpoint_dir is not None and setup.shared.checkpoint_every > 0:
             path = checkpoint_path(checkpoint_dir, setup.method, repeat)
-            saved = io.load_checkpoint(path)
+            saved = artifacts.load_checkpoint(path)
             if saved is not None and saved.get("fingerprint") == fingerprint:
                 resume = saved["state"]
                 log.info("resuming %s repeat %d from iteration %d", setup.method, repeat, resume["iteration"])
@@ -149,7 +150,7 @@ def run(
                 log.info("ignoring %s: made by other params or data", path)
 
             def on_checkpoint(state: dict, _path: Path = path) -> None:
-                io.save_checkpoint(_path, {"fingerprint": fingerprint, "state": state})
+                artifacts.save_checkpoint(_path, {"fingerprint": fingerprint, "state": state})
 
         result = method(
             images,

@@ -13,10 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from biasdd import io
-
-NUM_CLASSES = 10
-TEST_SPLITS = ("test_conflicting", "test_uniform")
+from biasdd import artifacts
+from biasdd.vocab import NUM_CLASSES, TEST_SPLITS  # noqa: F401 (re-exported for the training stages)
 
 
 @dataclass
@@ -36,7 +34,7 @@ def normalise(images_uint8: np.ndarray, mean: np.ndarray, std: np.ndarray) -> Te
 
 def train_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel (mean, std) of the biased training split, in [0, 1] units."""
-    stats = io.read_h5(path, "train", ("mean", "std"), kind="biased")
+    stats = artifacts.read_h5(path, "train", ("mean", "std"), kind="biased")
     return stats["mean"], stats["std"]
 
 
@@ -44,7 +42,7 @@ def load_split(
     path: Path, split: str, mean: np.ndarray, std: np.ndarray, limit: int | None = None
 ) -> BiasedSplit:
     """A split of `biased.h5` as normalised tensors (the first `limit` images, or all)."""
-    data = io.read_h5(path, split, ("images", "labels", "attributes"), kind="biased")
+    data = artifacts.read_h5(path, split, ("images", "labels", "attributes"), kind="biased")
     n = len(data["labels"]) if limit is None else min(limit, len(data["labels"]))
     return BiasedSplit(
         normalise(data["images"][:n], mean, std),

@@ -10,8 +10,8 @@ training below give the same networks up to float round-off (tests/test_train.py
   synthetic set of 500 images is only 2 batches per epoch, so one network at a time would be bound by
   per-launch overhead.
 - On the CPU, where vmapped (grouped) convolutions are slower than separate ones, the networks train
-  one after the other as plain modules, through the compute settings (`biasdd.compute`: bf16 autocast,
-  `torch.compile`); one module object is reused, so its compiled code is compiled once.
+  one after the other as plain modules, through the compute settings (`biasdd.training.compute`: bf16
+  autocast, `torch.compile`); one module object is reused, so its compiled code is compiled once.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 from tqdm.auto import tqdm
 
-from biasdd.compute import CPU_CHUNK, FP32, ComputeConfig, NetworkRunner, chunks, full_precision
 from biasdd.config import Config, Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from biasdd.errors import ConfigError
+from biasdd.training.compute import CPU_CHUNK, FP32, ComputeConfig, NetworkRunner, chunks, full_precision
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class NetworkEnsemble:
     def logits(self, images: Tensor, batch_size: int = 1024, compute: ComputeConfig = FP32) -> Tensor:
         """Eval-mode logits (float32) of every network on the same images: (N, C, H, W) -> (R, N, K).
 
-        On the CPU one network at a time over cache-sized chunks (`biasdd.compute.CPU_CHUNK`), else all
+        On the CPU one network at a time over cache-sized chunks (`compute.CPU_CHUNK`), else all
         networks at once (vmap) over batches of `batch_size`; `compute.precision` applies (no compile:
         scoring is one pass)."""
         was_training = self.base.training
@@ -196,7 +196,7 @@ def train_networks(
     (lr times gamma, momentum reset), as the reference does.
 
     Training runs on `images.device`; the data stays there as one tensor and only each batch is
-    gathered per step. `compute`: precision and compilation (`biasdd.compute`). `log_every`: epochs
+    gathered per step. `compute`: precision and compilation (`biasdd.training.compute`). `log_every`: epochs
     between loss read-outs for the progress bar (each read-out is one host sync).
     """
     if len(generators) < 1:
