@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     cfg = configure(load_params(args.params))  # validates everything before any work
-    base = load_base(cfg.dataset, cfg.mirror, args.embedded, Path(cfg.cache_dir))
+    base = load_base(cfg.dataset, cfg.mirror, args.embedded, Path(cfg.cache_dir), allow_download=cfg.fetch)
     groups, attrs = base_groups(base, cfg)
     artifacts.write_h5(args.out, groups, {**attrs, "code_version": artifacts.code_version()}, kind="base")
 

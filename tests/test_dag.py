@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import pytest
 
 from biasdd.dag import code_of, declared_code, expected_deps, paths, rewrite, script_of, stages
 from biasdd.dag import main as dag_main
+from biasdd.errors import UserError
 from biasdd.params import load_params
 
 from .tiny import REPO
@@ -159,3 +161,37 @@ def test_the_guard_sees_what_it_should():
     assert read == {"a.c.d"}
     dict(Recording({"a": {"b": 1}}, read)["a"])
     assert "a" in read
+
+
+def _set(params: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(params)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize(("stage", "item", "definition"), STAGES, ids=[s[0] for s in STAGES])
+def test_a_bad_value_names_its_own_key(stage, item, definition):
+    """Every param a stage reads, set to a value of no valid type, fails its `configure` with one line
+    that names that key (or the section holding it), never a key that does not exist: an override
+    `-S evaluate.synthetic.repeats=0` once answered "evaluate.repeats: 0 is not valid"."""
+    configure = _load(_script(definition)).configure
+    leaves = sorted(k for k in params_read(definition, item) if not isinstance(_lookup(PARAMS, k), dict))
+    assert leaves, stage
+    for key in leaves:
+        with pytest.raises(UserError) as raised:
+            configure(_set({**PARAMS, "device": "cpu"}, key, {"not": "valid"}), item)
+        message = str(raised.value)
+        named = message.split(": ")[0]
+        assert "\n" not in message, (key, message)
+        assert key == named or key.startswith(named + "."), (key, message)
+
+
+def _lookup(params, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node

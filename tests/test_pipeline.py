@@ -60,7 +60,7 @@ def test_whole_pipeline_tiny(tmp_path):
     for name in ["full", *METHODS]:
         for split in ("test_conflicting", "test_uniform"):
             headline = json.loads((repo / f"metrics/{split}/{name}.json").read_text())
-            assert set(headline) == {"acc", "acc_sd", "conf", "conf_sd", "worst", "worst_sd"}
+            assert set(headline) == {"acc", "acc_sd", "conflicting", "conflicting_sd", "worst", "worst_sd"}
             assert all(0.0 <= v <= 1.0 for v in headline.values())
         assert set(json.loads((repo / f"metrics/bias/{name}.json").read_text())) == {"share", "delta"}
         details = json.loads((repo / f"metrics/details/{name}.json").read_text())

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from biasdd.artifacts import md5_file
+from biasdd.errors import UserError
 from biasdd.pipeline import download
 from biasdd.pipeline.download import DownloadConfig, SourceError, load_base
 
@@ -108,11 +109,27 @@ def test_idx_reader_rejects_other_files(tmp_path):
     [
         ({"dataset": "svhn"}, r"dataset: 'svhn' is not valid; choose one of \['cmnist', 'ccifar10'\]"),
         (
-            {"download": {"mirror": None, "cache_dir": ".c", "limit_train": 5, "limit_test": None}},
+            {
+                "download": {
+                    "mirror": None,
+                    "cache_dir": ".c",
+                    "fetch": True,
+                    "limit_train": 5,
+                    "limit_test": None,
+                }
+            },
             "limit_train",
         ),
         (
-            {"download": {"mirror": 3, "cache_dir": ".c", "limit_train": None, "limit_test": None}},
+            {
+                "download": {
+                    "mirror": 3,
+                    "cache_dir": ".c",
+                    "fetch": True,
+                    "limit_train": None,
+                    "limit_test": None,
+                }
+            },
             "download.mirror",
         ),
         (
@@ -120,6 +137,7 @@ def test_idx_reader_rejects_other_files(tmp_path):
                 "download": {
                     "mirror": None,
                     "cache_dir": ".c",
+                    "fetch": True,
                     "limit_train": None,
                     "limit_test": None,
                     "x": 1,
@@ -132,8 +150,27 @@ def test_idx_reader_rejects_other_files(tmp_path):
 def test_download_config_validation(params, message):
     full = {
         "dataset": "cmnist",
-        "download": {"mirror": None, "cache_dir": ".c", "limit_train": None, "limit_test": None},
+        "download": {
+            "mirror": None,
+            "cache_dir": ".c",
+            "fetch": True,
+            "limit_train": None,
+            "limit_test": None,
+        },
     }
     full.update(params)
     with pytest.raises((ValueError, KeyError), match=message):
         DownloadConfig.from_params(full)
+
+
+def test_a_file_that_is_not_gzip_is_a_one_line_user_error(tmp_path):
+    """Past its checksum (a mirror's own files), a file that is not gzip is named, with the fix."""
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(SourceError) as raised:
+        download.read_idx_gz(path)
+    message = str(raised.value)
+    assert isinstance(raised.value, UserError) and "\n" not in message
+    assert (
+        message.startswith(f"{path}: not a readable gzip file") and "replace it with the original" in message
+    )

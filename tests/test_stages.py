@@ -235,6 +235,49 @@ def test_broken_input_artifact_is_one_line_naming_file_and_fix(tmp_path, biased,
     assert expected[broken] in lines[0]
 
 
+@pytest.mark.parametrize("case", ["missing cifar10", "bad mirror", "md5 mismatch"])
+def test_download_source_errors_are_one_line_naming_file_or_key_and_fix(tmp_path, fake_mnist, case):
+    """The download stage's source errors are the user's to fix: one line, no traceback, exit 2."""
+    mirror, _, _ = fake_mnist  # random digits: their MD5s are not torchvision's
+    raw = mirror / "MNIST" / "raw"
+
+    def edit(params: dict) -> None:
+        params["download"].update(fetch=False, cache_dir=str(tmp_path / "cache"))
+        if case == "missing cifar10":
+            params["dataset"] = "ccifar10"
+        elif case == "bad mirror":
+            params["download"]["mirror"] = str(tmp_path / "no-such-folder")
+        else:
+            params["download"]["mirror"] = str(mirror)
+
+    params = _params(tmp_path, edit)
+    env = {k: v for k, v in os.environ.items() if k != "BIASDD_DATA_MIRROR"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages/download.py"), "--params", str(params),
+         "--embedded", str(REPO / "data/embedded"), "--out", str(tmp_path / "base.h5")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("download: error: ") and "Traceback" not in result.stderr
+    expected = {
+        "missing cifar10": [
+            "no source for cifar10",
+            "download.fetch is false",
+            "download.mirror",
+            "BIASDD_DATA_MIRROR",
+        ],
+        "bad mirror": [f"download.mirror: '{tmp_path / 'no-such-folder'}' is not a folder", "unset it"],
+        "md5 mismatch": [
+            f"{raw / 'train-images-idx3-ubyte.gz'}: MD5 mismatch",
+            "replace it with the original",
+        ],
+    }
+    for text in expected[case]:
+        assert text in lines[0], lines[0]
+    assert not (tmp_path / "base.h5").exists()  # nothing half-written
+
+
 def test_unknown_method_and_augment_name_the_valid_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):

@@ -200,7 +200,7 @@ def rewrite(text: str, deps: Mapping[str, list[str]]) -> str:
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biasdd-dag", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -208,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     group.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps")
     parser.add_argument("--repo", type=Path, default=Path("."), help="the repository root (default: .)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     path = args.repo / "dvc.yaml"
     text = path.read_text()
     new = rewrite(text, expected_deps(args.repo))

@@ -7,6 +7,7 @@ what ran. `biasdd-params` does the same composition for `dvc repro` after an edi
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,16 @@ def compose_params(conf_dir: str | Path = "conf", overrides: list[str] | tuple[s
     return OmegaConf.to_yaml(cfg)
 
 
-def main_compose(argv: list[str] | None = None) -> None:
-    """`biasdd-params [overrides...]`: rewrite params.yaml from conf/ (what `dvc exp run` does first)."""
-    import argparse
-
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biasdd-params", description=main_compose.__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. budget=paper bias_ratio=0.8")
     parser.add_argument("--conf", default="conf", help="the config folder (default: conf)")
     parser.add_argument("--out", default="params.yaml", help="where to write (default: params.yaml)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_compose(argv: list[str] | None = None) -> None:
+    """`biasdd-params [overrides...]`: rewrite params.yaml from conf/ (what `dvc exp run` does first)."""
+    args = make_parser().parse_args(argv)
     Path(args.out).write_text(compose_params(args.conf, args.overrides), encoding="utf-8")
     print(f"wrote {args.out} from {args.conf}/ {' '.join(args.overrides)}".rstrip())

@@ -26,6 +26,7 @@ import numpy as np
 
 from biasdd.artifacts import md5_file
 from biasdd.config import Config, Range, check_value, from_dict, section
+from biasdd.errors import ArtifactError
 from biasdd.vocab import DATASETS, Dataset  # noqa: F401 (DATASETS: BASE_OF's keys)
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class DownloadConfig(Config):
     dataset: Dataset
     mirror: str | None  # folder in torchvision's layout; env BIASDD_DATA_MIRROR wins
     cache_dir: str  # where torchvision's download goes when it is the source
+    fetch: bool  # whether torchvision may download a dataset no local source has (false: offline)
     limit_train: Annotated[int, Range(ge=10)] | None  # keep the first n images of each split (null = all)
     limit_test: Annotated[int, Range(ge=10)] | None
 
@@ -70,8 +72,13 @@ class DownloadConfig(Config):
         return from_dict(cls, {"dataset": dataset, **section(params, "download")}, "download")
 
 
-class SourceError(RuntimeError):
-    """No usable source for a dataset, or a file that fails its checksum."""
+class SourceError(ArtifactError):
+    """No usable source for a dataset, or a source file that is corrupt or not the original: the user's to
+    fix (one line naming the file or key and the fix)."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,13 @@ def verify_md5(path: Path, expected: str) -> None:
 
 def read_idx_gz(path: Path) -> np.ndarray:
     """An MNIST idx file (gzip): magic 2051 -> (N, rows, cols) uint8 images; 2049 -> (N,) labels."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # not gzip, or cut short
+        raise SourceError(
+            f"{path}: not a readable gzip file ({_one_line(error)}); replace it with the original file"
+        ) from error
     magic = int.from_bytes(data[0:4], "big")
     count = int.from_bytes(data[4:8], "big")
     if magic == 2049:
@@ -112,7 +124,9 @@ def read_idx_gz(path: Path) -> np.ndarray:
         cols = int.from_bytes(data[12:16], "big")
         images = np.frombuffer(data, dtype=np.uint8, count=count * rows * cols, offset=16)
         return images.reshape(count, rows, cols).copy()
-    raise SourceError(f"{path}: not an MNIST idx file (magic {magic}, expected 2049 or 2051)")
+    raise SourceError(
+        f"{path}: not an MNIST idx file (magic {magic}, expected 2049 or 2051); replace it with the original"
+    )
 
 
 def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +136,9 @@ def read_cifar_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except Exception as exc:  # a corrupt pickle can raise nearly anything
-        raise SourceError(f"{where}: not a CIFAR-10 python batch ({exc})") from exc
+        raise SourceError(
+            f"{where}: not a CIFAR-10 python batch ({_one_line(exc)}); replace it with the original file"
+        ) from exc
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
@@ -172,11 +188,14 @@ def load_cifar(
                 if name in checksums:
                     blob = tar.extractfile(member).read()  # type: ignore[union-attr]
                     if hashlib.md5(blob).hexdigest() != checksums[name]:
-                        raise SourceError(f"{source}:{member.name}: MD5 mismatch; the archive is corrupt")
+                        raise SourceError(
+                            f"{source}:{member.name}: MD5 mismatch; the archive is corrupt or not the "
+                            "original: replace it with the original file"
+                        )
                     blobs[name] = blob
         missing = sorted(set(checksums) - set(blobs))
         if missing:
-            raise SourceError(f"{source}: archive lacks {missing}")
+            raise SourceError(f"{source}: archive lacks {missing}; replace it with the original archive")
     else:
         for name, md5 in checksums.items():
             verify_md5(source / name, md5)
@@ -232,7 +251,11 @@ def load_base(
     if mirror:
         root = Path(mirror).expanduser()
         if not root.is_dir():
-            raise SourceError(f"mirror {str(root)!r} (from download.mirror or {MIRROR_ENV}) is not a folder")
+            where = MIRROR_ENV if os.environ.get(MIRROR_ENV) else "download.mirror"
+            raise SourceError(
+                f"{where}: {str(root)!r} is not a folder; set it to a folder in torchvision's layout "
+                "(docs/data.md) or unset it"
+            )
         found = mnist_dir_in(root) if base == "mnist" else cifar_source_in(root)
         if found is not None:
             arrays = load_mnist_dir(found) if base == "mnist" else load_cifar(found)
@@ -254,10 +277,12 @@ def load_base(
         try:
             folder = _torchvision_download(base, cache_dir)
         except Exception as exc:  # no network, DNS failure, HTTP error...
-            tried.append(f"torchvision download into {cache_dir} ({type(exc).__name__}: {exc})")
+            tried.append(f"torchvision download into {cache_dir} ({_one_line(exc)})")
         else:
             arrays = load_mnist_dir(folder) if base == "mnist" else load_cifar(folder)
             source = "torchvision-download"
+    if arrays is None and not allow_download:
+        tried.append("no download (download.fetch is false)")
     if arrays is None:
         raise SourceError(
             f"no source for {base}: tried {'; '.join(tried)}. To fix it, {how_to_provide(base)}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +77,12 @@ def configure(params: Mapping[str, Any], name: str) -> EvalSetup:
     """Validate every param the evaluate stage for `name` (full, or a method key) uses."""
     run = run_config(params)
     kind = "full" if name == FULL else "synthetic"
-    shared = from_dict(
-        EvaluateShared,
-        {
-            "repeats": section(params, "evaluate", kind, "repeats"),
-            "batch_test": section(params, "evaluate", "batch_test"),
-        },
-        "evaluate",
+    # each value validated under its own key (`evaluate.synthetic.repeats`, not `evaluate.repeats`)
+    shared = EvaluateShared(
+        repeats=check_value(
+            f"evaluate.{kind}.repeats", section(params, "evaluate", kind, "repeats"), PositiveInt
+        ),
+        batch_test=check_value("evaluate.batch_test", section(params, "evaluate", "batch_test"), PositiveInt),
     )
     limit_train = None
     if name == FULL:
@@ -100,7 +100,12 @@ def configure(params: Mapping[str, Any], name: str) -> EvalSetup:
         schedules = section(params, "evaluate", "synthetic", "schedule", run.dataset)
         if name not in schedules:
             raise ConfigError(f"{where}: missing; the schedules there are for {sorted(schedules)}")
-        values = {**section(params, "evaluate", "synthetic", "train"), **schedules[name]}
+        shared_train = section(params, "evaluate", "synthetic", "train")
+        hints = typing.get_type_hints(TrainConfig, include_extras=True)
+        for key, value in shared_train.items():  # a shared value's error names its own key
+            if key in hints and key not in schedules[name]:
+                check_value(f"evaluate.synthetic.train.{key}", value, hints[key])
+        values = {**shared_train, **schedules[name]}
         augment = values.pop("augment", None)
         if augment not in AUGMENTS:
             raise ConfigError(f"{where}.augment: {augment!r} is not valid; choose one of {list(AUGMENTS)}")
@@ -214,13 +219,13 @@ def run(
 # --- the metrics files ------------------------------------------------------------------------------
 
 # DVC metrics, per test split: (key, summary metric), each as mean and `<key>_sd` (std over repeats).
-HEADLINE = (("acc", "accuracy"), ("conf", "conflicting_accuracy"), ("worst", "worst_group_accuracy"))
+HEADLINE = (("acc", "accuracy"), ("conflicting", "conflicting_accuracy"), ("worst", "worst_group_accuracy"))
 
 
 def metrics_files(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{relative path under metrics/: content}: the compact DVC metrics and the sidecar.
 
-    - `<split>/<name>.json` (split = test_conflicting, test_uniform): `acc`, `conf` (accuracy on the
+    - `<split>/<name>.json` (split = test_conflicting, test_uniform): `acc`, `conflicting` (accuracy on the
       bias-conflicting samples; on test_conflicting every sample is one, so it equals `acc`), `worst`
       (worst (class, attribute) group), each the mean over repeats with `<key>_sd` its std (ddof 0).
     - `bias/<name>.json`: `share`, the mean share of synthetic images the bias-only classifier labels

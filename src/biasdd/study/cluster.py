@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from biasdd.study.grid import BIAS_RATIOS, BUDGETS, DATASETS, GridCell, grid_cells
+from biasdd.study.grid import GridCell, add_grid_options, grid_cells
 from biasdd.study.tools import CLUSTER_STATUS, tool_command, tool_environment
 
 log = logging.getLogger(__name__)
@@ -524,21 +524,14 @@ def _summary(results: Sequence[CellResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biasdd-cluster", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the grid's cells on a Ray cluster and pull the experiments")
     status = sub.add_parser("status", help="which cells are on the git remote, and the last run's failures")
     for p in (run, status):
         p.add_argument("--git-remote", required=True, help="git remote name or URL every node can reach")
-        p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-        p.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
-        p.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
-        p.add_argument("--budget", default="quick", choices=BUDGETS)
-        p.add_argument(
-            "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-            help="pass `-S KEY=VALUE` to every cell (repeatable), as biasdd-grid queue --set",
-        )  # fmt: skip
+        add_grid_options(p)
         p.add_argument("--only", nargs="+", metavar="CELL", help="only these cells of the grid (by name)")
         p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
     run.add_argument("--address", required=True, help="the Ray cluster's head, HOST:PORT")
@@ -550,6 +543,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--node-ip-address", help="this machine's address in the cluster, if ambiguous")
     run.add_argument("--no-pull", action="store_true", help="do not `dvc exp pull` the experiments")
     run.add_argument("--dry-run", action="store_true", help="print each cell's command and state only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -206,22 +206,27 @@ def _next_steps(jobs: int) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="biasdd-grid", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("queue", help="queue the grid as DVC experiments")
-    q.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    q.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
-    q.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
-    q.add_argument("--budget", default="quick", choices=BUDGETS)
-    q.add_argument(
+def add_grid_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose a grid's cells: shared by `biasdd-grid queue` and `biasdd-cluster`."""
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(BIAS_RATIOS), help="bias ratios")
+    parser.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
+    parser.add_argument("--budget", default="quick", choices=BUDGETS)
+    parser.add_argument(
         "--set",
         dest="extra",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="pass `-S KEY=VALUE` to every experiment (repeatable), e.g. --set distill.repeats=3",
+        help="pass `-S KEY=VALUE` to every experiment (repeatable), e.g. --set debias.mode=groups",
     )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biasdd-grid", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="queue the grid as DVC experiments")
+    add_grid_options(q)
     q.add_argument("--dry-run", action="store_true", help="print the commands, queue nothing")
     q.add_argument("--start", action="store_true", help="then run `dvc queue start -j N`")
     q.add_argument(
@@ -236,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     for p in (q, w):
         p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: .)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -129,7 +129,7 @@ def _loaded(value: str) -> Any:
     return value if value == UNSET else json.loads(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="biasdd-report", description="Table 1, Table 2 and accuracy curves from the DVC experiments."
     )
@@ -144,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--verbose", action="store_true", help="also log each cell that more than one run filled"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
