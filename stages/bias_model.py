@@ -1,10 +1,12 @@
-"""Stage `bias_model`: the deliberately biased model behind `debias.mode: inferred` (docs/protocol.md §9).
+"""Stage `bias_model`: the biased model behind the label-free debiasing modes (docs/protocol.md §9).
 
-    python stages/bias_model.py --params params.yaml --data data/biased.h5 --out data/bias_model.h5
+    python stages/bias_model.py --params params.yaml --data data/biased.h5 --out data/bias_model.h5 \
+        --metrics metrics/bias/model.json
 
 Trains a narrow network with GCE on the biased training split (no attribute labels) and writes every
-training sample's score 1 - p_b(y | x) (`train/scores`), which `debias.mode: inferred` turns into
-weights. Cost: quick budget well under a minute on 2 CPU cores; seconds on one GPU.
+training sample's score 1 - p_b(y | x) (`train/scores`, for `debias.mode: inferred`) and pseudo-attribute
+(`train/pseudo_attributes`, for `inferred_groups` and `inferred_fairdd`), and how well those match the
+true attributes (`--metrics`). Cost: quick budget well under a minute on 2 CPU cores; seconds on one GPU.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ def main() -> None:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path, help="how well it infers the groups (JSON)")
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params))  # validates before any work
     artifacts.check_artifact(args.data, "biased")
-    groups = bias_model.run(setup, args.data)
+    groups, metrics = bias_model.run(setup, args.data)
     provenance = {**setup.provenance(), "code_version": artifacts.code_version()}
     artifacts.write_h5(args.out, groups, provenance, kind="bias_model")
+    artifacts.write_json(args.metrics, metrics)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main() -> None:
     setup_logging()
     setup = configure(load_params(args.params), args.method)  # validates before any work
     artifacts.check_artifact(args.data, "biased")
-    bias_model = args.bias_model if setup.debias.mode == "inferred" else None
+    bias_model = args.bias_model if setup.debias.uses_bias_model else None
     if bias_model is not None:
         artifacts.check_artifact(bias_model, "bias_model")
     results, mean, std = distill_stage.run(setup, args.data, args.checkpoints, bias_model_path=bias_model)

@@ -86,6 +86,11 @@ def test_whole_pipeline_tiny(tmp_path):
     for split in ("test_conflicting", "test_uniform"):
         rows = (repo / f"plots/accuracy_{split}.csv").read_text().splitlines()
         assert rows[0].startswith("name,split,accuracy") and len(rows) == 1 + 1 + len(METHODS)
+    inference = json.loads((repo / "metrics/bias/model.json").read_text())
+    assert set(inference) == {
+        "conflicting_precision", "conflicting_recall", "attribute_accuracy", "groups_found", "groups_true",
+        "score_auc",
+    }  # fmt: skip
     shown = run(repo, "dvc", "metrics", "show")
     assert "metrics/test_conflicting/dm.json" in shown and "acc_sd" in shown
     widest = max(len(line) for line in shown.splitlines())
@@ -93,6 +98,23 @@ def test_whole_pipeline_tiny(tmp_path):
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again
     assert experiments.workspace_is_current(repo)  # `dvc status --json` of a reproduced workspace: {}
+
+
+@pytest.mark.slow
+def test_a_debias_cell_is_one_exp_run(tmp_path):
+    """`dvc exp run -S debias.mode=<mode>` is one debias cell; another mode re-runs the distillation and
+    its evaluation only (the bias model, which infers the groups, is shared)."""
+    repo = make_repo(tmp_path)
+    out = run(repo, "dvc", "exp", "run", "-S", "methods=[dm]", "-S", "debias.mode=inferred_fairdd")
+    assert {"bias_model", "distill@dm", "evaluate@dm"} <= set(RUNNING.findall(out))
+    attrs = artifacts.read_attrs(repo / "data/synthetic/dm.h5")
+    assert attrs["debias"]["mode"] == "inferred_fairdd"
+    assert json.loads((repo / "metrics/bias/model.json").read_text())["groups_true"] > 0
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "inferred_fairdd")
+    again = run(repo, "dvc", "exp", "run", "-S", "methods=[dm]", "-S", "debias.mode=fairdd")
+    assert set(RUNNING.findall(again)) == {"distill@dm", "evaluate@dm", "plot"}
+    assert artifacts.read_attrs(repo / "data/synthetic/dm.h5")["debias"]["mode"] == "fairdd"
 
 
 @pytest.mark.slow

@@ -34,7 +34,16 @@ POINT = {"budget": "quick", "dataset": "cmnist", "bias_ratio": 0.95, "severity":
 
 def _metrics(acc: float, std: float) -> dict:
     """One `metrics/<split>/<name>.json` entry as `dvc exp show --json` gives it."""
-    return {"data": {"acc": acc, "acc_sd": std, "conflicting": acc, "conflicting_sd": std, "worst": 0.0, "worst_sd": 0.0}}
+    return {
+        "data": {
+            "acc": acc,
+            "acc_sd": std,
+            "conflicting": acc,
+            "conflicting_sd": std,
+            "worst": 0.0,
+            "worst_sd": 0.0,
+        }
+    }
 
 
 def _all(acc: float, names=None) -> dict:

@@ -278,6 +278,22 @@ def test_download_source_errors_are_one_line_naming_file_or_key_and_fix(tmp_path
     assert not (tmp_path / "base.h5").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("mode", ["inferred", "inferred_groups", "inferred_fairdd"])
+def test_a_label_free_mode_without_its_bias_model_fails_before_any_work(tmp_path, biased, mode):
+    params = _params(tmp_path, lambda p: p["debias"].update(mode=mode))
+    missing = tmp_path / "no_bias_model.h5"
+    args = [
+        *_distill_args(params, biased, tmp_path / "out.h5", tmp_path / "ck"),
+        "--bias-model",
+        str(missing),
+    ]
+    result = _stage("distill", *args, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert f"{missing}: no such file" in lines[0] and "dvc repro bias_model" in lines[0]
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_unknown_method_and_augment_name_the_valid_ones():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):

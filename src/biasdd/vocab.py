@@ -39,5 +39,17 @@ BUDGET_NOTES = {
 
 METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM"}  # the keys of biasdd.distill.METHODS
 METHODS = tuple(METHOD_TITLES)
+# debias.mode (docs/protocol.md §9): labelled modes use the attribute labels, the `inferred` ones the
+# bias model; `none` is the study's plain methods
+DEBIAS_MODES = ("none", "groups", "fairdd", "inferred", "inferred_groups", "inferred_fairdd")
+LABEL_FREE_MODES = ("inferred", "inferred_groups", "inferred_fairdd")
+DEBIAS_TITLES = {
+    "none": "none",
+    "groups": "groups (labels)",
+    "fairdd": "FairDD (labels)",
+    "inferred": "inferred: JTT weights (no labels)",
+    "inferred_groups": "inferred groups (no labels)",
+    "inferred_fairdd": "inferred FairDD (no labels)",
+}
 FULL = "full"  # the "Full set" row: networks trained on the whole biased training set
 ROW_TITLES = {**METHOD_TITLES, FULL: "Full set"}

@@ -16,7 +16,7 @@ eagerly in fp32. Both paths are tested against a plain per-class reference (test
 Debiased targets (docs/protocol.md §9): the real batch of class c is drawn by importance sampling from
 the debiasing weights, so the gradient of its plain mean CE estimates the gradient of the weighted
 mean CE; with a repulsion lambda > 0 the driver also draws a bias-aligned batch, giving g_b, and the
-loss becomes `debiased_matching_loss`.
+loss becomes `debiased_matching_loss`; with groups (FairDD), `synchronized_matching_loss`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, vjp, vmap
 
 from biasdd.config import PositiveFloat, PositiveInt
 from biasdd.distill.driver import Batch, Context, DistillConfig
@@ -246,6 +246,106 @@ def debiased_matching_loss(
     return (attraction - repulsion * repelled).sum()
 
 
+class GroupGradients:
+    """Per (class, group) gradients {name: (K, G, *shape)} of the mean CE over each group's images in
+    class c's real batch, for the weights of ndim > 1, and the (K, G) bool mask of the groups present.
+    `batched`: one forward per class and a vmapped backward per group (accelerators); else a loop over
+    classes and their groups, each group's images through the network eagerly (the CPU: the groups'
+    varying sizes would recompile a compiled network). `batched=None` picks by device."""
+
+    def __init__(self, batched: bool | None = None) -> None:
+        self.batched = batched
+
+    def __call__(
+        self, runner: NetworkRunner, images: Tensor, labels: Tensor, groups: Tensor, num_groups: int
+    ) -> tuple[dict, Tensor]:
+        """images (K, n, C, H, W), labels and groups (K, n); no graph (a constant target)."""
+        present = F.one_hot(groups.long(), num_groups).sum(1) > 0  # (K, G)
+        batched = images.device.type != "cpu" if self.batched is None else self.batched
+        if batched:
+            return _group_batched(runner, images, labels, groups, num_groups), present
+        return _group_looped(runner, images, labels, groups, num_groups), present
+
+
+def _group_batched(
+    runner: NetworkRunner, images: Tensor, labels: Tensor, groups: Tensor, num_groups: int
+) -> dict:
+    net = runner.net
+    matched, others = _split_params(net)
+    one_hot = F.one_hot(groups.long(), num_groups).to(images.dtype).transpose(1, 2)  # (K, G, n)
+    weights = one_hot / one_hot.sum(-1, keepdim=True).clamp_min(1)  # each group's mean over its images
+
+    def class_groups(params: dict[str, Tensor], x: Tensor, y: Tensor, w: Tensor) -> dict[str, Tensor]:
+        def per_sample(p: dict[str, Tensor]) -> Tensor:
+            logits = full_precision(functional_call(net, {**p, **others}, (x,)))
+            return F.cross_entropy(logits, y, reduction="none")  # (n,)
+
+        _, pullback = vjp(per_sample, params)
+        return vmap(pullback)(w)[0]  # {name: (G, *shape)}
+
+    with torch.no_grad(), runner.compute.autocast(images.device):
+        return vmap(class_groups, in_dims=(None, 0, 0, 0))(matched, images, labels, weights)
+
+
+def _group_looped(
+    runner: NetworkRunner, images: Tensor, labels: Tensor, groups: Tensor, num_groups: int
+) -> dict:
+    net = runner.net
+    names = matched_names(net)
+    params = [net.get_parameter(name) for name in names]
+    if not all(p.requires_grad for p in params):
+        raise ValueError("per-group gradients: the network's weights must require grad")
+    num_classes = images.shape[0]
+    out = {
+        name: torch.zeros(num_classes, num_groups, *p.shape, device=p.device, dtype=p.dtype)
+        for name, p in zip(names, params, strict=True)
+    }
+    for c in range(num_classes):
+        for g in torch.unique(groups[c]).tolist():
+            chosen = groups[c] == g
+            with torch.enable_grad(), runner.compute.autocast(images.device):
+                logits = full_precision(net(images[c][chosen].detach()))
+            loss = F.cross_entropy(logits, labels[c][chosen])
+            for name, grad_ in zip(names, torch.autograd.grad(loss, params), strict=True):
+                out[name][c, g] = grad_.detach()
+    return out
+
+
+def synchronized_matching_loss(
+    net: nn.Module,
+    real_images: Tensor,
+    syn_images: Tensor,
+    groups: Tensor,
+    num_groups: int,
+    class_gradients: ClassGradients | None = None,
+    group_gradients: GroupGradients | None = None,
+    runner: NetworkRunner | None = None,
+) -> Tensor:
+    """FairDD's synchronized DC (Zhou et al. 2025, `main_DC.py`): sum_c sum_{g in batch_c} D(g_S, g_g).
+
+    g_g: the gradient of the mean CE over class c's real images of group g (`groups` (K, n)), g_S: of c's
+    synthetic images (once per class, differentiable wrt `syn_images`); D = DC's gradient distance. Each
+    group in the batch weighs the same, however few images it has.
+    """
+    class_gradients = class_gradients or ClassGradients()
+    group_gradients = group_gradients or GroupGradients()
+    runner = runner or NetworkRunner(net, FP32, real_images.device)
+    num_classes, device = real_images.shape[0], real_images.device
+    targets = _class_targets(num_classes, real_images.shape[1], device)
+    grads_real, present = group_gradients(runner, real_images, targets, groups, num_groups)
+    grads_syn = class_gradients(
+        runner, syn_images, _class_targets(num_classes, syn_images.shape[1], device), True
+    )
+    names = list(grads_real)
+    syn_list = [grads_syn[n].unsqueeze(1).expand_as(grads_real[n]) for n in names]
+    total: Tensor | None = None
+    for term in _row_distances(syn_list, [grads_real[n] for n in names], leading=2):  # (K, G, rows)
+        per_group = term.sum(-1)
+        total = per_group if total is None else total + per_group
+    assert total is not None  # _row_distances raises on a network without weights to match
+    return (total * present.to(total.dtype)).sum()
+
+
 # --- network updates on the synthetic set -----------------------------------------------------------
 
 
@@ -288,6 +388,7 @@ class GradientMatching:
         self.context = context
         self.steps = cfg.outer_loop
         self.class_gradients = ClassGradients()
+        self.group_gradients = GroupGradients()
         self.optimizer: torch.optim.Optimizer | None = None
 
     def start(self, runner: NetworkRunner) -> None:
@@ -297,6 +398,17 @@ class GradientMatching:
 
     def loss(self, runner: NetworkRunner, batch: Batch) -> Tensor:
         sampling = self.context.sampling
+        if batch.groups is not None:
+            return synchronized_matching_loss(
+                runner.net,
+                batch.real,
+                batch.syn,
+                batch.groups,
+                self.context.num_classes,  # (pseudo-)attributes share the classes' range
+                self.class_gradients,
+                self.group_gradients,
+                runner,
+            )
         if batch.aligned is None:
             return matching_loss(runner.net, batch.real, batch.syn, self.class_gradients, runner)
         return debiased_matching_loss(

@@ -1,21 +1,29 @@
 """Biased dataset distillation: min_S D(S, A_g) - lambda * D(S, A_b), for every method (docs/protocol.md §9).
 
-The study (Lu et al., 2024) ends by defining it and leaves it to future work. Here:
+The study (Lu et al., 2024) ends by defining it and leaves it to future work. `debias.mode` says how each
+class's real-side target is debiased, and where the groups come from:
 
-- `A_g`, the unbiased target, is each class's real-side target (DM: mean embedding; DC/DSA: gradient of
-  the mean CE) taken under per-sample weights that undo the bias:
-  - `groups` (attribute labels): w_i = 1 / n_(y_i, a_i), so every (class, attribute) group of a class
-    weighs the same (group-balanced matching);
-  - `inferred` (no attribute labels): the `bias_model` stage's deliberately biased model scores every
-    training sample by s_i = 1 - p_b(y_i | x_i); w_i = max(s_i, floor)^power, so the samples it finds
-    hard (the likely bias-conflicting ones) dominate (JTT-style upweighting, Liu et al. 2021).
-  The methods draw the real batch with probability proportional to w (importance sampling; see
-  `distill.sampling.WeightedClassSampler`), which estimates the weighted target with little variance.
-- `A_b`, the bias-aligned target, comes from a second real batch drawn from the aligned weights
-  (labelled: attribute == label; inferred: max(1 - s_i, floor)^power), and lambda (`repulsion`) pushes
-  the synthetic set away from it through a bounded term (DM: a capped squared distance; DC/DSA: the
-  cosine gradient distance, bounded per row), see `dm.debiased_embedding_loss`, `dc.debiased_matching_loss`.
-- `none` is the plain methods' code path (the methods get `debias=None`), byte-identical.
+- `none`: the plain method's target (a uniform batch).
+- `groups` (attribute labels): the group-balanced mean, w_i = 1 / n_(y_i, a_i).
+- `fairdd` (attribute labels): FairDD's synchronized matching, the sum over the groups in a
+  group-balanced batch of the method's distance to each group.
+- `inferred` (no labels): JTT-style upweighting, w_i = max(s_i, floor)^power with the bias model's score
+  s_i = 1 - p_b(y_i | x_i).
+- `inferred_groups`, `inferred_fairdd` (no labels): as `groups` and `fairdd`, over the bias model's
+  pseudo-attributes.
+
+Weighted targets are realised by importance sampling (the class's real batch is drawn with probability
+proportional to w; `distill.sampling.WeightedClassSampler`); synchronized matching draws the same
+group-balanced batch and splits it by group (`dm.synchronized_embedding_loss`,
+`dc.synchronized_matching_loss`). A pseudo-attribute is the bias model's confident prediction
+(`biasdd.pipeline.bias_model.pseudo_attributes`): where it finds no confident bias group, every sample
+keeps its class as pseudo-attribute and the inferred modes run the plain method.
+
+`A_b`, the bias-aligned target of the repulsion (lambda = `repulsion` > 0; the reweighting modes only),
+comes from a second real batch drawn from the aligned weights and enters through a bounded term (DM: a
+capped squared distance; DC/DSA: the cosine gradient distance), see `dm.debiased_embedding_loss`,
+`dc.debiased_matching_loss`. `none` is the plain methods' code path (byte-identical outputs), and so is
+any mode whose weights are uniform within every class and whose groups are one per class.
 """
 
 from __future__ import annotations
@@ -28,12 +36,18 @@ import torch
 from torch import Tensor
 
 from biasdd.config import Config, NonNegativeFloat, PositiveFloat, Range
-from biasdd.distill.sampling import DebiasTargets
+from biasdd.distill.sampling import DebiasTargets, weights_uniform_per_class
 from biasdd.errors import ConfigError
+from biasdd.vocab import DEBIAS_MODES
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "groups", "inferred")
+MODES = DEBIAS_MODES
+LABELLED = ("groups", "fairdd")  # need the attribute labels
+SCORED = ("inferred",)  # need the bias model's scores
+PSEUDO = ("inferred_groups", "inferred_fairdd")  # need the bias model's pseudo-attributes
+SYNCHRONIZED = ("fairdd", "inferred_fairdd")  # FairDD's synchronized matching over the groups
+REPELLING = ("groups", "inferred", "inferred_groups")  # the modes a repulsion can join
 
 
 @dataclass(frozen=True)
@@ -42,18 +56,22 @@ class DebiasConfig(Config):
 
     SECTION: ClassVar[str] = "debias"
 
-    mode: Literal["none", "groups", "inferred"]  # none = the study's plain methods
+    mode: Literal[DEBIAS_MODES]  # type: ignore[valid-type]  # none = the study's plain methods
     repulsion: NonNegativeFloat  # lambda of the second term; 0 = reweighting only
     max_shift: PositiveFloat  # DM: repulsion stops once |mu_S - mu_b| >= (1 + max_shift) |mu_g - mu_b|
     score_floor: Annotated[float, Range(gt=0, le=1)]  # inferred: scores below are raised to it
     score_power: PositiveFloat  # inferred: w = max(s, floor) ** power; > 1 sharpens toward the hard samples
 
     def check(self, where: str) -> None:
-        if self.mode == "none" and self.repulsion > 0:
+        if self.repulsion > 0 and self.mode not in REPELLING:
             raise ConfigError(
-                f"{where}.repulsion: {self.repulsion!r} needs {where}.mode 'groups' or 'inferred' (the "
-                "bias-aligned samples come from attribute labels or the biased model); mode is 'none'"
+                f"{where}.repulsion: {self.repulsion!r} needs {where}.mode one of {list(REPELLING)} (the "
+                f"bias-aligned samples come from attribute labels or the biased model); mode is {self.mode!r}"
             )
+
+    @property
+    def uses_bias_model(self) -> bool:
+        return self.mode in SCORED or self.mode in PSEUDO
 
 
 # --- per-sample weights -------------------------------------------------------------------------------
@@ -94,37 +112,71 @@ def score_weights(scores: Tensor, floor: float, power: float) -> Tensor:
     return scores.clamp(0.0, 1.0).clamp_min(floor).pow(power)
 
 
+def conflicting_groups(labels: Tensor, groups: Tensor, num_classes: int) -> int:
+    """How many (class, group) pairs with group != class hold samples: 0 means no bias-conflicting group,
+    so every debiasing mode reduces to the plain method."""
+    pairs = labels.long() * num_classes + groups.long()
+    return int(torch.unique(pairs[groups != labels]).numel())
+
+
 def debias_targets(
     cfg: DebiasConfig,
     labels: Tensor,
     num_classes: int,
     attributes: Tensor | None = None,
     scores: Tensor | None = None,
+    pseudo_attributes: Tensor | None = None,
 ) -> DebiasTargets | None:
-    """What the methods take as `debias=`: None for `none`; else the weights of A_g and of A_b.
+    """What the methods take as `debias=`: None for `none`; else the weights and groups of A_g (and the
+    weights of A_b with a repulsion).
 
-    groups: needs `attributes` (N,); inferred: needs `scores` (N,) from `train_biased_model` (1 - p_b(y|x):
-    high = hard for the biased model = likely bias-conflicting). Weights live on `labels`' device.
+    `groups`/`fairdd` need `attributes` (N,); `inferred` needs `scores` (N,) (1 - p_b(y|x): high = hard
+    for the biased model = likely bias-conflicting); `inferred_groups`/`inferred_fairdd` need
+    `pseudo_attributes` (N,). Weights and groups live on `labels`' device. A training set without any
+    bias-conflicting group (rho = 1, or no confident pseudo-group) runs the plain method, with one warning.
     """
     if cfg.mode == "none":
         return None
-    if cfg.mode == "groups":
-        if attributes is None:
-            raise ValueError("debias.mode 'groups' needs the attribute labels of the training set")
-        weights = group_weights(labels, attributes.to(labels.device), num_classes)
-        aligned = aligned_from_attributes(labels, attributes.to(labels.device))
+    device = labels.device
+    groups: Tensor | None = None
+    if cfg.mode in LABELLED or cfg.mode in PSEUDO:
+        source = attributes if cfg.mode in LABELLED else pseudo_attributes
+        what = (
+            "the attribute labels of the training set"
+            if cfg.mode in LABELLED
+            else ("the bias model's pseudo-attributes (the bias_model stage)")
+        )
+        if source is None:
+            raise ValueError(f"debias.mode {cfg.mode!r} needs {what}")
+        groups = source.to(device).long()
+        weights = group_weights(labels, groups, num_classes)
+        aligned = aligned_from_attributes(labels, groups)
+        if conflicting_groups(labels, groups, num_classes) == 0:
+            groups = None  # one group per class: synchronized matching is the plain loss
+            logger.warning(
+                "debias.mode %s: %s hold no bias-conflicting group (every sample has its class's own "
+                "attribute); the mode runs the plain method",
+                cfg.mode,
+                "the attribute labels" if cfg.mode in LABELLED else "the bias model's pseudo-attributes",
+            )
     else:
         if scores is None:
             raise ValueError("debias.mode 'inferred' needs the biased model's scores (the bias_model stage)")
         _check_labels(labels, num_classes, scores, "scores")
-        scores = scores.to(labels.device)
+        scores = scores.to(device)
         weights = score_weights(scores, cfg.score_floor, cfg.score_power)
         aligned = score_weights(1.0 - scores.double(), cfg.score_floor, cfg.score_power)
+        if weights_uniform_per_class(weights, labels, num_classes):
+            logger.warning(
+                "debias.mode inferred: the bias model's scores are below debias.score_floor for every "
+                "sample (it fits them all: no bias-conflicting sample found); the mode runs the plain method"
+            )
     return DebiasTargets(
         weights=weights,
         aligned_weights=aligned if cfg.repulsion > 0 else None,
         repulsion=cfg.repulsion,
         max_shift=cfg.max_shift,
+        groups=groups if cfg.mode in SYNCHRONIZED else None,  # None: one group per class
     )
 
 
@@ -133,6 +185,7 @@ __all__ = [
     "DebiasConfig",
     "DebiasTargets",
     "aligned_from_attributes",
+    "conflicting_groups",
     "debias_targets",
     "group_weights",
     "score_weights",

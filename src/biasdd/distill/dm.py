@@ -9,7 +9,7 @@ and through the compute settings (`biasdd.training.compute`); the synthetic side
 Debiased targets (docs/protocol.md §9): the real batch of class c is drawn by importance sampling from
 the debiasing weights, so its plain mean embedding estimates the weighted mean mu_g; with a repulsion
 lambda > 0 the driver also draws a bias-aligned batch, estimating mu_b, and the loss becomes
-`debiased_embedding_loss`.
+`debiased_embedding_loss`; with groups (FairDD), `synchronized_embedding_loss`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from biasdd.distill.driver import Batch, Context, DistillConfig
@@ -93,6 +94,35 @@ def debiased_embedding_loss(
     return (attraction - repulsion * repelled).sum()
 
 
+def synchronized_embedding_loss(
+    net: nn.Module,
+    real_images: Tensor,
+    syn_images: Tensor,
+    groups: Tensor,
+    num_groups: int,
+    runner: NetworkRunner | None = None,
+) -> Tensor:
+    """FairDD's synchronized DM (Zhou et al. 2025, `main_DM.py`): sum_c sum_{g in batch_c} ||mu_g - mu_S||^2.
+
+    real_images (K, n, C, H, W) with `groups` (K, n) in 0..num_groups-1, syn_images (K, ipc, C, H, W);
+    mu_g is the mean embedding of class c's real images of group g, over the groups present in the
+    batch (each group weighs the same however few images it has), mu_S that of c's synthetic images.
+    Differentiable wrt `syn_images` only.
+    """
+    runner = runner or NetworkRunner(net, FP32, real_images.device)
+    num_classes, per_class = real_images.shape[:2]
+    with torch.no_grad():
+        embedded = runner.embed_chunks(real_images.flatten(0, 1))
+        embedded = embedded.view(num_classes, per_class, -1)  # (K, n, D)
+        one_hot = F.one_hot(groups.long(), num_groups).to(embedded.dtype)  # (K, n, G)
+        counts = one_hot.sum(1)  # (K, G)
+        group_means = torch.einsum("kng,knd->kgd", one_hot, embedded) / counts.clamp_min(1).unsqueeze(-1)
+        present = (counts > 0).to(embedded.dtype)  # (K, G)
+    syn_mean = _means(runner.embed(syn_images.flatten(0, 1)), num_classes)  # (K, D)
+    distances = ((group_means - syn_mean.unsqueeze(1)) ** 2).sum(-1)  # (K, G)
+    return (distances * present).sum()
+
+
 class DistributionMatching:
     """DM's part of an outer iteration: one image step on the fresh network, frozen."""
 
@@ -110,6 +140,11 @@ class DistributionMatching:
         runner.net.requires_grad_(False)
 
     def loss(self, runner: NetworkRunner, batch: Batch) -> Tensor:
+        if batch.groups is not None:
+            num_groups = self.context.num_classes  # (pseudo-)attributes share the classes' range
+            return synchronized_embedding_loss(
+                runner.net, batch.real, batch.syn, batch.groups, num_groups, runner
+            )
         if batch.aligned is None:
             return embedding_loss(runner.net, batch.real, batch.syn, runner)
         sampling = self.context.sampling

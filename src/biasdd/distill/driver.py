@@ -67,6 +67,7 @@ class Batch:
     real: Tensor  # (K, batch_real, C, H, W), a constant target
     syn: Tensor  # (K, ipc, C, H, W), differentiable wrt the synthetic images
     aligned: Tensor | None  # (K, batch_real, C, H, W): the bias-aligned batch, with repulsion only
+    groups: Tensor | None = None  # (K, batch_real) int64: each real image's group (synchronized matching)
 
 
 @dataclass
@@ -165,7 +166,8 @@ def distill(
         matcher.start(runner)
         total = torch.zeros((), device=device, dtype=real_images.dtype)
         for step in range(matcher.steps):
-            real = real_images[sampling.target.sample(batch_real, generator)]  # (K * batch_real, C, H, W)
+            drawn = sampling.target.sample(batch_real, generator)  # (K * batch_real,)
+            real = real_images[drawn]  # (K * batch_real, C, H, W)
             aligned = None
             if sampling.aligned is not None:
                 aligned = real_images[sampling.aligned.sample(batch_real, generator)]
@@ -181,6 +183,7 @@ def distill(
                 real.view(num_classes, batch_real, *shape),
                 syn_in.view(num_classes, ipc, *shape),
                 None if aligned is None else aligned.view(num_classes, batch_real, *shape),
+                None if sampling.groups is None else sampling.groups[drawn].view(num_classes, batch_real),
             )
             loss = matcher.loss(runner, batch)
             optimizer.zero_grad(set_to_none=True)

@@ -163,12 +163,15 @@ class DebiasTargets:
     repulsion: lambda in min_S D(S, A_g) - lambda D(S, A_b); 0 = no second term.
     max_shift: DM only; the repulsion stops acting once mu_S is (1 + max_shift) times as far from mu_b as
         mu_g is (see `dm.debiased_embedding_loss`), which keeps the loss bounded below.
+    groups (N,) int64 in 0..K-1: each sample's (pseudo-)attribute for synchronized matching (FairDD): the
+        loss of class c sums the method's distance to each group in c's real batch; None = one target.
     """
 
     weights: Tensor | None = None
     aligned_weights: Tensor | None = None
     repulsion: float = 0.0
     max_shift: float = 1.0
+    groups: Tensor | None = None
 
     def __post_init__(self) -> None:
         # The values come from a validated `DebiasConfig`; only the invariant between fields is checked.
@@ -190,7 +193,7 @@ def weights_uniform_per_class(weights: Tensor, labels: Tensor, num_classes: int)
 class RealSampling:
     """The samplers one run uses: `target` for the real batch of A_g, `init` for the synthetic init,
     `aligned` for the batch of A_b (None without repulsion) with `aligned_valid` (K,) masking classes
-    that have no aligned estimate."""
+    that have no aligned estimate; `groups` (N,) the group of each sample for synchronized matching."""
 
     target: Sampler
     init: Sampler
@@ -198,6 +201,7 @@ class RealSampling:
     aligned_valid: Tensor | None
     repulsion: float
     max_shift: float
+    groups: Tensor | None = None
 
 
 def real_sampling(
@@ -226,4 +230,7 @@ def real_sampling(
             logger.warning(
                 "debias: class(es) %s have no bias-aligned samples: no repulsion for them", missing
             )
-    return RealSampling(target, target, aligned, valid, float(debias.repulsion), float(debias.max_shift))
+    groups = None if debias.groups is None else debias.groups.to(labels.device).long()
+    return RealSampling(
+        target, target, aligned, valid, float(debias.repulsion), float(debias.max_shift), groups
+    )

@@ -24,7 +24,7 @@ from torch import Tensor
 from biasdd import artifacts
 from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, from_dict, section
 from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
-from biasdd.distill.debias import DebiasConfig, debias_targets
+from biasdd.distill.debias import SCORED, DebiasConfig, debias_targets
 from biasdd.errors import ArtifactError, ConfigError
 from biasdd.training.augment import DSAConfig, dsa_config
 from biasdd.training.data import NUM_CLASSES, BiasedSplit, load_split, train_stats
@@ -88,22 +88,23 @@ def configure(params: Mapping[str, Any], method: str) -> DistillSetup:
 def debias_targets_for(
     setup: DistillSetup, train: BiasedSplit, labels: Tensor, bias_model_path: Path | None
 ) -> DebiasTargets | None:
-    """The methods' `debias=` argument: None for `none`; attribute labels for `groups`; the biased
-    model's scores (the bias_model stage's `train/scores`) for `inferred`."""
-    scores = None
-    if setup.debias.mode == "inferred":
+    """The methods' `debias=` argument: None for `none`; the attribute labels for `groups` and `fairdd`;
+    the bias model's scores (`train/scores`) for `inferred` and its pseudo-attributes
+    (`train/pseudo_attributes`) for `inferred_groups` and `inferred_fairdd` (the bias_model stage)."""
+    mode, inferred = setup.debias.mode, {}
+    if setup.debias.uses_bias_model:
         if bias_model_path is None:
-            raise ConfigError("debias.mode 'inferred' needs --bias-model (the bias_model stage's output)")
-        scores = torch.from_numpy(
-            artifacts.read_h5(bias_model_path, "train", ("scores",), kind="bias_model")["scores"]
-        )
-        if scores.shape != labels.shape:
+            raise ConfigError(f"debias.mode {mode!r} needs --bias-model (the bias_model stage's output)")
+        key = "scores" if mode in SCORED else "pseudo_attributes"
+        values = torch.from_numpy(artifacts.read_h5(bias_model_path, "train", (key,), kind="bias_model")[key])
+        if values.shape != labels.shape:
             raise ArtifactError(
-                f"{bias_model_path}: {scores.shape[0]} scores for {labels.shape[0]} training images "
+                f"{bias_model_path}: {values.shape[0]} {key} for {labels.shape[0]} training images "
                 "(made from another biased.h5?); rebuild it with `dvc repro bias_model`"
             )
+        inferred = {key if key == "scores" else "pseudo_attributes": values}
     return debias_targets(
-        setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), scores=scores
+        setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), **inferred
     )
 
 
@@ -130,7 +131,7 @@ def run(
     channels, im_size = images.shape[1], images.shape[-1]
     targets = debias_targets_for(setup, train, labels, bias_model_path)
     identity = {**setup.provenance(), "data": artifacts.md5_file(data_path)}
-    if setup.debias.mode == "inferred" and bias_model_path is not None:
+    if setup.debias.uses_bias_model and bias_model_path is not None:
         identity["bias_model"] = artifacts.md5_file(bias_model_path)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     method = METHODS[setup.method]
