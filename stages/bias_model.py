@@ -1,7 +1,7 @@
 """Stage `bias_model`: the biased model behind the label-free debiasing modes (docs/protocol.md §9).
 
     python stages/bias_model.py --params params.yaml --data data/biased.h5 --out data/bias_model.h5 \
-        --metrics metrics/bias/model.json
+        --metrics metrics/bias/model.json --details metrics/details/bias_model.json
 
 Trains a narrow network with GCE on the biased training split (no attribute labels) and writes every
 training sample's score 1 - p_b(y | x) (`train/scores`, for `debias.mode: inferred`) and pseudo-attribute
@@ -32,7 +32,10 @@ def main() -> None:
     parser.add_argument("--params", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--metrics", required=True, type=Path, help="how well it infers the groups (JSON)")
+    parser.add_argument(
+        "--metrics", required=True, type=Path, help="how well it infers the groups (DVC metric)"
+    )
+    parser.add_argument("--details", required=True, type=Path, help="every inference metric (JSON)")
     args = parser.parse_args()
     setup_logging()
     setup = configure(load_params(args.params))  # validates before any work
@@ -40,7 +43,8 @@ def main() -> None:
     groups, metrics = bias_model.run(setup, args.data)
     provenance = {**setup.provenance(), "code_version": artifacts.code_version()}
     artifacts.write_h5(args.out, groups, provenance, kind="bias_model")
-    artifacts.write_json(args.metrics, metrics)
+    artifacts.write_json(args.metrics, bias_model.inference_headline(metrics))
+    artifacts.write_json(args.details, {**metrics, "code_version": provenance["code_version"]})
 
 
 if __name__ == "__main__":

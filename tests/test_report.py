@@ -39,9 +39,7 @@ def _metrics(acc: float, std: float) -> dict:
             "acc": acc,
             "acc_sd": std,
             "conflicting": acc,
-            "conflicting_sd": std,
             "worst": 0.0,
-            "worst_sd": 0.0,
         }
     }
 
@@ -186,16 +184,47 @@ def test_table2_from_dm_only_experiments(tmp_path):
     assert table1["DM"]["CMNIST-DD rho=1"] == ""  # severity != 4 is not Table 1's
 
 
-def test_debiased_experiments_stay_out_of_the_study_tables(caplog):
-    # regression: a `debias.mode=groups` experiment filled the DM cell of Table 1 with its (debiased) number
-    plain = _row("c" * 40, "plain", "2026-01-02T10:00:00", _all(0.3))
-    debiased = _row(
-        "d" * 40, "dm-groups", "2026-01-03T10:00:00", _all(0.9), params={"debias": {"mode": "groups"}}
+def test_debiased_experiments_fill_the_debias_table_not_table1(tmp_path):
+    """A `debias.mode` run is its method's row of the debias table, never Table 1's (regression: a
+    `debias.mode=groups` experiment once filled Table 1's DM cell with its debiased number); its full-set
+    cell (never distilled) is the plain one, and the debiasing targets are checked with their margins."""
+
+    def debiased(name: str, mode: str, acc: float, ratio: float = 0.95) -> dict:
+        return _row(name * 40, f"dm-{mode}", "2026-01-03T10:00:00", _all(acc), {"debias": {"mode": mode}},
+                    bias_ratio=ratio)  # fmt: skip
+
+    rows = [
+        _row("1" * 40, "plain-rho0.1", "2026-01-02T10:00:00", _all(0.8), bias_ratio=0.1),
+        debiased("2", "groups", 0.7),
+        debiased("3", "fairdd", 0.75),
+        debiased("4", "inferred_fairdd", 0.78),
+        debiased("5", "inferred_fairdd", 0.79, ratio=0.1),
+    ]
+    written = report.write_report(_exp_show(*rows), tmp_path)
+    assert list(written) == ["quick"]  # one set of settings: the mode is a cell's position
+    table1 = _csv(tmp_path / "quick/table1_test_uniform.csv")
+    assert table1["DM"]["CMNIST-DD rho=0.95"] == "62.00 +- 1.00"  # the baseline's _all(0.5), not a mode's
+    debias = _csv(tmp_path / "quick/debias_test_uniform.csv")
+    assert list(debias) == [
+        f"{title} · {mode}"
+        for title in ("DC", "DSA", "DM")
+        for mode in ("none", "groups (labels)", "FairDD (labels)", "inferred FairDD (no labels)")
+    ]
+    assert debias["DM · FairDD (labels)"]["CMNIST-DD rho=0.95"] == "87.00 +- 1.00"
+    assert debias["DM · none"]["CMNIST-DD rho=0.1"] == "92.00 +- 1.00"
+    assert debias["DM · groups (labels)"]["CMNIST-DD rho=0.1"] == ""
+    found = (tmp_path / "quick/findings_debias.md").read_text()
+    assert "| DM: the best label-free mode at rho 0.95 within 1 point of DM on unbiased data" in found
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line for line in found.splitlines() if line.startswith("| DM")
+    }
+    unbiased = (
+        "DM: the best label-free mode at rho 0.95 within 1 point of DM on unbiased data (none at rho 0.1)"
     )
-    with caplog.at_level(logging.INFO, logger="biasdd.study"):
-        assert cellmod.cells_from_row(debiased) == []
-    assert "debias.mode=groups" in caplog.text
-    assert cellmod.cells_from_row(plain)
+    assert lines[unbiased].endswith("does not hold: misses by 1.00 points |")  # 90.00 against 92.00 - 1
+    fairdd = "DM: the best label-free mode at rho 0.95 no more than 1 point below FairDD (labels)"
+    assert lines[fairdd].endswith("holds: by 4.00 points |")
+    assert "not measured" in lines["DM at rho 0.1: no mode more than 1 point below none"]  # groups missing
 
 
 def test_newest_wins_and_says_so(tmp_path, caplog):
@@ -203,7 +232,7 @@ def test_newest_wins_and_says_so(tmp_path, caplog):
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)
     with caplog.at_level(logging.DEBUG, logger="biasdd.study"):
         cells = _by_position(cellmod.collect_cells(_exp_show(new, old)))
-    cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting")]
+    cell = cells[("quick", "cmnist", 0.8, 4, "dc", "test_conflicting", "none")]
     assert cell.mean == pytest.approx(0.4) and cell.source.startswith("new")
     per_cell = [r for r in caplog.records if "old (1111111)" in r.getMessage()]
     assert len(per_cell) == 8 and all(r.levelno == logging.DEBUG for r in per_cell)
@@ -246,7 +275,7 @@ def test_workspace_counts_as_newest():
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5))
     workspace = _row("workspace", None, None, _all(0.6))
     cells = _by_position(cellmod.collect_cells(_exp_show(workspace=workspace, baseline=base)))
-    assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting")].source == "workspace"
+    assert cells[("quick", "cmnist", 0.95, 4, "full", "test_conflicting", "none")].source == "workspace"
 
 
 def test_stale_workspace_is_left_out(monkeypatch, tmp_path):
@@ -267,9 +296,10 @@ def test_stale_workspace_is_left_out(monkeypatch, tmp_path):
         monkeypatch.setattr(experiments, "run_tool", fake_tool)
         out = tmp_path / str(status == up_to_date)
         assert report.main(["--out", str(out), "--repo", str(tmp_path)]) == 0
-        cells = {(r[4], r[5]): r for r in csv.reader(io.StringIO((out / "quick/cells.csv").read_text()))}
-        assert cells[("dc", "test_conflicting")][-1] == source
-        assert float(cells[("dc", "test_conflicting")][6]) == pytest.approx(mean)
+        rows = list(csv.DictReader(io.StringIO((out / "quick/cells.csv").read_text())))
+        cells = {(r["method"], r["split"]): r for r in rows}
+        assert cells[("dc", "test_conflicting")]["source"] == source
+        assert float(cells[("dc", "test_conflicting")]["mean"]) == pytest.approx(mean)
 
 
 @pytest.mark.parametrize(
@@ -436,9 +466,20 @@ def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
 
     settings = cellmod.run_settings(PARAMS)
     assert not any(cellmod._under(k, cellmod.NEUTRAL) for k in settings)
+    debias_keys = ("debias", "bias_model")  # fed to every distillation, read under their modes only
     for stage, name in [("evaluate_full", "full"), *((f"evaluate@{m}", m) for m in vocab.METHODS)]:
         fed = {k for k in settings if cellmod._under(k, upstream_params(stage))}
-        assert set(cellmod.relevant(settings, name, PARAMS["dataset"])) == fed, stage
+        plain = {k for k in fed if not cellmod._under(k, debias_keys)}
+        assert set(cellmod.relevant(settings, name, PARAMS["dataset"])) == plain, stage
+        if name != "full":
+            for mode in vocab.DEBIAS_MODES[1:]:
+                expected = fed - {"debias.mode"}
+                if mode not in vocab.LABEL_FREE_MODES:
+                    expected = {k for k in expected if not cellmod._under(k, ("bias_model",))}
+                assert set(cellmod.relevant(settings, name, PARAMS["dataset"], mode)) == expected, (
+                    stage,
+                    mode,
+                )
 
 
 def test_stale_workspace_still_names_the_reference_settings(tmp_path):

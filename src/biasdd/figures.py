@@ -214,8 +214,8 @@ def curves_figure(cells: Mapping[tuple, Any], budget: str, dataset: str, path: P
             points = sorted(
                 (c.bias_ratio, 100 * c.mean, 100 * c.std)
                 for c in cells.values()
-                if (c.budget, c.dataset, c.severity, c.method, c.split)
-                == (budget, dataset, TABLE1_SEVERITY, method, split)
+                if (c.budget, c.dataset, c.severity, c.method, c.split, c.mode)
+                == (budget, dataset, TABLE1_SEVERITY, method, split, "none")
             )
             if not points:
                 continue

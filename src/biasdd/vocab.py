@@ -39,6 +39,7 @@ BUDGET_NOTES = {
 
 METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM"}  # the keys of biasdd.distill.METHODS
 METHODS = tuple(METHOD_TITLES)
+STUDY_METHODS = ("dc", "dsa", "dm")  # the study's methods, whose findings (§8) are checked
 # debias.mode (docs/protocol.md §9): labelled modes use the attribute labels, the `inferred` ones the
 # bias model; `none` is the study's plain methods
 DEBIAS_MODES = ("none", "groups", "fairdd", "inferred", "inferred_groups", "inferred_fairdd")

@@ -196,7 +196,7 @@ def configure(params: Mapping[str, Any]) -> BiasModelSetup:
 
 def run(setup: BiasModelSetup, data_path: Path, progress: bool = True) -> tuple[dict, dict]:
     """The GCE-biased model's score and pseudo-attribute of every training sample, as the groups of
-    `data/bias_model.h5` ({"train": {"scores", "pseudo_attributes"}}), and `inference_metrics`."""
+    `data/bias_model.h5` ({"train": {"scores", "pseudo_attributes"}}), and its `inference_metrics`."""
     setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     mean, std = train_stats(data_path)
     train = load_split(data_path, "train", mean, std)
@@ -214,4 +214,18 @@ def run(setup: BiasModelSetup, data_path: Path, progress: bool = True) -> tuple[
         ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
     )
     groups = {"train": {"scores": scores.numpy().astype(np.float32), "pseudo_attributes": pseudo.numpy()}}
+    log.info("bias model: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
     return groups, metrics
+
+
+# the DVC metric of the inference (few keys, so that `dvc metrics show` fits a terminal); the rest goes
+# to the details file
+INFERENCE_HEADLINE = {
+    "precision": "conflicting_precision",
+    "recall": "conflicting_recall",
+    "groups": "groups_found",
+}
+
+
+def inference_headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: metrics[name] for key, name in INFERENCE_HEADLINE.items()}

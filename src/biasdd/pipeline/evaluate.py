@@ -218,16 +218,19 @@ def run(
 
 # --- the metrics files ------------------------------------------------------------------------------
 
-# DVC metrics, per test split: (key, summary metric), each as mean and `<key>_sd` (std over repeats).
+# DVC metrics, per test split: (key, summary metric) as the mean over repeats; the accuracy also as
+# `acc_sd` (std over repeats). Few and short, so that `dvc metrics show` fits a terminal; every other
+# number (stds, per-repeat values) is in `details/<name>.json`.
 HEADLINE = (("acc", "accuracy"), ("conflicting", "conflicting_accuracy"), ("worst", "worst_group_accuracy"))
+HEADLINE_SD = ("acc",)
 
 
 def metrics_files(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{relative path under metrics/: content}: the compact DVC metrics and the sidecar.
 
-    - `<split>/<name>.json` (split = test_conflicting, test_uniform): `acc`, `conflicting` (accuracy on the
-      bias-conflicting samples; on test_conflicting every sample is one, so it equals `acc`), `worst`
-      (worst (class, attribute) group), each the mean over repeats with `<key>_sd` its std (ddof 0).
+    - `<split>/<name>.json` (split = test_conflicting, test_uniform): `acc` and its std over repeats
+      `acc_sd` (ddof 0), `conflicting` (accuracy on the bias-conflicting samples; on test_conflicting
+      every sample is one, so it equals `acc`) and `worst` (worst (class, attribute) group), the means.
     - `bias/<name>.json`: `share`, the mean share of synthetic images the bias-only classifier labels
       with their class's aligned attribute (for `full`: the real training set's share), and `delta`,
       that share minus the real set's (> 0: the distillation amplifies the bias).
@@ -240,7 +243,8 @@ def metrics_files(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         headline: dict[str, Any] = {}
         for key, metric in HEADLINE:
             headline[key] = summary[metric]["mean"]
-            headline[f"{key}_sd"] = summary[metric]["std"]
+            if key in HEADLINE_SD:
+                headline[f"{key}_sd"] = summary[metric]["std"]
         files[f"{split}/{name}.json"] = headline
     amplification = results.get("bias_amplification")
     if amplification is not None:

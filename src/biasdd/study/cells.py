@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from biasdd.study.experiments import WORKSPACE, _file_data, _metric_path, _row_params, _timestamp, iter_rows
-from biasdd.vocab import DATASETS, METHODS
+from biasdd.vocab import DATASETS, FULL, LABEL_FREE_MODES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,12 @@ class Cell:
     source: str  # experiment name or rev
     timestamp: datetime | None  # None = the workspace, counted as newest
     settings: Settings = ()  # what else its numbers depend on (`cell_settings`)
+    mode: str = "none"  # debias.mode of a method's cell (the full set's is always none)
 
     @property
-    def position(self) -> tuple[str, str, float, int, str, str]:
+    def position(self) -> tuple[str, str, float, int, str, str, str]:
         """Where it goes in a budget's tables."""
-        return (self.budget, self.dataset, self.bias_ratio, self.severity, self.method, self.split)
+        return (self.budget, self.dataset, self.bias_ratio, self.severity, self.method, self.split, self.mode)
 
     @property
     def key(self) -> tuple:
@@ -62,10 +63,10 @@ class Cell:
 AXES = ("budget", "dataset", "bias_ratio", "severity")  # the grid point, a cell's position
 # Params that change no reported number: where a run computes or stores (device, download.mirror,
 # download.cache_dir), which methods ran (each method's cells are its own), checkpoints, the test batch,
-# `compute.compile` (compiled == eager up to round-off), the plots, the bias classifier (it scores bias,
-# not accuracy), and debias / bias_model (a debiased run is skipped; with debias.mode none nothing reads
-# them). Every other param of a stage upstream of a metrics file (dvc.yaml) counts: tests/test_report.py
-# checks that a cell's settings are exactly those (`relevant`).
+# `compute.compile` (compiled == eager up to round-off), the plots and the bias classifier (it scores
+# bias, not accuracy). Every other param of a stage upstream of a metrics file (dvc.yaml) counts, but the
+# debias and bias_model sections only where the cell's debias.mode reads them (`relevant`):
+# tests/test_report.py checks that a cell's settings are exactly those.
 NEUTRAL = (
     "device",
     "methods",
@@ -76,8 +77,6 @@ NEUTRAL = (
     "compute.compile",
     "plot",
     "bias_classifier",
-    "bias_model",
-    "debias",
 )
 UNSET = "unset"  # a param one run has and another lacks (older commits)
 QUOTE = '"'
@@ -105,13 +104,21 @@ def run_settings(params: Mapping[str, Any]) -> dict[str, str]:
     return {k: v for k, v in _flatten(params).items() if not _under(k, (*AXES, *NEUTRAL))}
 
 
-def relevant(settings: Mapping[str, str], method: str, dataset: str) -> dict[str, str]:
-    """The part of a run's settings that one cell (a method's or the full set's, on `dataset`) depends on:
-    dvc.yaml's params of the stages upstream of its metrics file. A method's cell: not the other methods'
-    distillation and schedules, not the full set's training; the full set's: no distillation, no
-    synthetic-set evaluation, no DSA augmentation."""
+def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str = "none") -> dict[str, str]:
+    """The part of a run's settings that one cell (a method's or the full set's, on `dataset`, distilled
+    with debias.mode `mode`) depends on: dvc.yaml's params of the stages upstream of its metrics file. A
+    method's cell: not the other methods' distillation and schedules, not the full set's training; the
+    full set's: no distillation, no synthetic-set evaluation, no DSA augmentation. The debias section
+    only under a debias mode (its `mode` is the cell's position), the bias model only under a mode that
+    reads it."""
     other_datasets = [d for d in (*DATASETS, *_schedule_datasets(settings)) if d != dataset]
     drop = [f"evaluate.synthetic.schedule.{d}" for d in other_datasets]
+    if method == FULL or mode == "none":
+        drop += ["debias", "bias_model"]
+    else:
+        drop.append("debias.mode")
+        if mode not in LABEL_FREE_MODES:
+            drop.append("bias_model")
     if dataset != "cmnist":
         drop.append("cmnist")
     if method == "full":
@@ -128,8 +135,8 @@ def _schedule_datasets(settings: Mapping[str, str]) -> set[str]:
     return {k[len(prefix) :].split(".")[0] for k in settings if k.startswith(prefix)}
 
 
-def cell_settings(settings: Mapping[str, str], method: str, dataset: str) -> Settings:
-    return tuple(sorted(relevant(settings, method, dataset).items()))
+def cell_settings(settings: Mapping[str, str], method: str, dataset: str, mode: str = "none") -> Settings:
+    return tuple(sorted(relevant(settings, method, dataset, mode).items()))
 
 
 def _num(value: Any) -> float | None:
@@ -152,10 +159,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
     if source != WORKSPACE and row.get("rev") and row.get("name"):
         source = f"{row['name']} ({row['rev'][:7]})"
     timestamp = _timestamp(data.get("timestamp"))
-    debias = (params.get("debias") or {}).get("mode", "none")
-    if debias != "none":  # the study's tables are plain DC/DSA/DM: a debiased run is another method
-        log.info("%s: skipped (debias.mode=%s; Tables 1-2 report the study's methods)", source, debias)
-        return []
+    debias = str((params.get("debias") or {}).get("mode", "none"))  # the methods' cells' mode
     point = {key: params.get(key) for key in ("budget", "dataset", "bias_ratio", "severity")}
     if any(value is None for value in point.values()):
         if metrics:
@@ -171,7 +175,8 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
             continue
         split, name = found
         mean, std = _num(values.get("acc")), _num(values.get("acc_sd"))
-        repeats = (evaluate.get("full" if name == "full" else "synthetic") or {}).get("repeats")
+        repeats = (evaluate.get("full" if name == FULL else "synthetic") or {}).get("repeats")
+        mode = "none" if name == FULL else debias  # the full set is never distilled
         if mean is None:
             continue
         cells.append(
@@ -187,7 +192,8 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
                 n_repeats=repeats,
                 source=source,
                 timestamp=timestamp,
-                settings=cell_settings(settings, name, str(point["dataset"])),
+                settings=cell_settings(settings, name, str(point["dataset"]), mode),
+                mode=mode,
             )
         )
     return cells
@@ -277,7 +283,7 @@ class Variant:
 
     def fits(self, cell: Cell) -> bool:
         return cell.budget == self.budget and cell.settings == cell_settings(
-            dict(self.settings), cell.method, cell.dataset
+            dict(self.settings), cell.method, cell.dataset, cell.mode
         )
 
 
@@ -324,7 +330,8 @@ def find_variants(exp_show: Sequence[Mapping[str, Any]], rows: RowCells | None =
         ours, theirs = run_settings(_row_params(row)), dict(ref.settings)
         keys: set[str] = set()
         for c in misfits:  # the params these cells depend on, in this run's settings or the reference's
-            keys |= relevant(ours, c.method, c.dataset).keys() | relevant(theirs, c.method, c.dataset).keys()
+            keys |= relevant(ours, c.method, c.dataset, c.mode).keys()
+            keys |= relevant(theirs, c.method, c.dataset, c.mode).keys()
         changed = [k for k in keys if ours.get(k, UNSET) != theirs.get(k, UNSET)]
         changes = tuple(sorted((k, ours.get(k, UNSET)) for k in changed))
         if (ref.budget, changes) in variants:

@@ -32,6 +32,8 @@ Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/
   high at rho 0.95, every method within 10 points of it at rho 0.1, DM below DC and DSA at rho 0.95,
   every model at most 5 points above chance at rho 1.0), each reproduced or not, by how much, and
   whether that margin is smaller than the spread of the cells it rests on.
+- `debias_<split>.md` / `.csv` (where debiased runs exist): rows method x debias.mode, columns dataset x
+  bias ratio; and `findings_debias.md`: the debiasing targets of docs/protocol.md §9, with margins.
 - `cells.csv`: every cell found, long form, with the experiment it came from.
 - `settings.json`: the settings the folder's cells were made with, and how they differ from the reference.
 
@@ -56,10 +58,12 @@ from typing import Any
 from biasdd import artifacts, figures
 from biasdd.study.cells import UNSET, Variant, collect_cells, find_variants, rows_with_cells, variant_cells
 from biasdd.study.experiments import exp_show_json
-from biasdd.study.findings import findings, findings_markdown
+from biasdd.study.findings import debias_findings, debias_findings_markdown, findings, findings_markdown
 from biasdd.study.tables import (
     _budget_title,
+    debias_table,
     failed_notes,
+    has_debias_cells,
     read_failed_cells,
     table1,
     table2,
@@ -94,8 +98,11 @@ def write_report(
         budget, note, folder = variant.budget, variant.note(), out / variant.folder
         files = []
         for split in TEST_SPLITS:
-            for table in (table1(view, budget, split, note), table2(view, budget, split, note)):
-                if not variant.changes:
+            tables = [table1(view, budget, split, note), table2(view, budget, split, note)]
+            if has_debias_cells(view):
+                tables.append(debias_table(view, budget, split, note))
+            for table in tables:
+                if not variant.changes and table.name.startswith(("table1", "table2")):
                     table = dataclasses.replace(table, notes=failed_notes(failed, budget, table.name[:6]))
                 for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
                     path = folder / f"{table.name}{suffix}"
@@ -104,6 +111,11 @@ def write_report(
         if any(c.dataset == "cmnist" for c in view.values()):
             path = folder / "findings_cmnist.md"
             artifacts.write_text(path, findings_markdown(findings(view, budget), budget, note))
+            files.append(path)
+        if has_debias_cells(view):
+            path = folder / "findings_debias.md"
+            found = debias_findings(view, budget)
+            artifacts.write_text(path, debias_findings_markdown(found, budget, note))
             files.append(path)
         for dataset in sorted({c.dataset for c in view.values()}):
             path = folder / f"curves_{dataset}.png"

@@ -23,6 +23,8 @@ from biasdd.vocab import (
     BUDGET_NOTES,
     DATASET_TITLES,
     DATASETS,
+    DEBIAS_MODES,
+    DEBIAS_TITLES,
     METHODS,
     ROW_TITLES,
     SEVERITIES,
@@ -104,7 +106,7 @@ def table1(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = 
     rows = [
         (
             ROW_TITLES[method],
-            [cells.get((budget, d, r, TABLE1_SEVERITY, method, split)) for d, r in keys],
+            [cells.get((budget, d, r, TABLE1_SEVERITY, method, split, "none")) for d, r in keys],
         )
         for method in (*METHODS, "full")
     ]
@@ -120,7 +122,7 @@ def table2(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = 
     rows = [
         (
             f"{DATASET_TITLES.get(dataset, dataset)} rho={_fmt_ratio(ratio)}",
-            [cells.get((budget, dataset, ratio, severity, "dm", split)) for severity in SEVERITIES],
+            [cells.get((budget, dataset, ratio, severity, "dm", split, "none")) for severity in SEVERITIES],
         )
         for dataset in _datasets(cells, budget)
         for ratio in SWEEP_RATIOS
@@ -134,8 +136,48 @@ def table2(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = 
     )
 
 
+def has_debias_cells(cells: Mapping[tuple, Cell]) -> bool:
+    return any(c.mode != "none" for c in cells.values())
+
+
+def debias_table(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "") -> Table:
+    """Rows = method x debias.mode (those with a cell); columns = dataset x bias ratio, at severity 4."""
+    columns, keys = [], []
+    debiased = {c.dataset for c in cells.values() if c.mode != "none"}
+    for dataset in [d for d in _datasets(cells, budget) if d in debiased]:
+        for ratio in _ratios(cells, budget, dataset):
+            columns.append(f"{DATASET_TITLES.get(dataset, dataset)} rho={_fmt_ratio(ratio)}")
+            keys.append((dataset, ratio))
+    present = {(c.method, c.mode) for c in cells.values() if c.budget == budget}
+    rows = [
+        (
+            f"{ROW_TITLES[method]} · {DEBIAS_TITLES[mode]}",
+            [cells.get((budget, d, r, TABLE1_SEVERITY, method, split, mode)) for d, r in keys],
+        )
+        for method in METHODS
+        for mode in DEBIAS_MODES
+        if (method, mode) in present
+    ]
+    title = (
+        f"Debiased distillation: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; method x "
+        f"debias.mode (docs/protocol.md §9), severity {TABLE1_SEVERITY}; {_budget_title(budget, variant)}"
+    )
+    return Table(f"debias_{split}", title, "method · debias.mode", columns, rows)
+
+
 def write_cells_csv(cells: Iterable[Cell], path: Path) -> None:
-    fields = ["budget", "dataset", "bias_ratio", "severity", "method", "split", "mean", "std", "n_repeats"]
+    fields = [
+        "budget",
+        "dataset",
+        "bias_ratio",
+        "severity",
+        "method",
+        "mode",
+        "split",
+        "mean",
+        "std",
+        "n_repeats",
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*fields, "source"])
