@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from biasdd import vocab
@@ -842,3 +844,47 @@ def test_report_writes_the_findings_beside_table_1(tmp_path):
     assert "| DC 50.00 ± 1.00, DSA 51.00 ± 1.00, DM 52.00 ± 1.00 |" in text
     assert "not reproduced: misses by 2.00 points" in text
     assert "rho 0.1: every method within 10 points of the full set" in text and "not measured" in text
+
+
+def test_figure2_shows_a_method_s_synthetic_sets_at_rho_0_and_1(tmp_path, monkeypatch, caplog):
+    """Figure 2 reads each run's synthetic set back through DVC (here a stand-in), one panel per ratio;
+    a set DVC cannot read is skipped with a warning, never a failed report."""
+    from biasdd.datasets import SyntheticDataset
+
+    read: list[tuple[str, str | None]] = []
+
+    class Stub:
+        images = torch.zeros(20, 3, 8, 8)
+        targets = torch.arange(10).repeat_interleave(2)
+        mean, std = np.zeros(3), np.ones(3)
+
+    def from_dvc(path: str, repeat: int = 0, repo: str | None = None, rev: str | None = None):
+        read.append((path, rev))
+        if "dc" in path:
+            raise FileNotFoundError("not in the cache")
+        return Stub()
+
+    monkeypatch.setattr(SyntheticDataset, "from_dvc", staticmethod(from_dvc))
+    rows = [
+        _row("0" * 40, "rho0", "2026-01-02T10:00:00", _all(0.8), bias_ratio=0.0),
+        _row("1" * 40, "rho1", "2026-01-02T11:00:00", _all(0.1), bias_ratio=1.0),
+    ]
+    with caplog.at_level(logging.WARNING, logger="biasdd.study"):
+        written = report.write_report(_exp_show(*rows), tmp_path / "r", repo=tmp_path)
+    figures = sorted(p.name for p in written["quick"] if p.name.startswith("figure2"))
+    assert figures == ["figure2_cmnist_dm.png", "figure2_cmnist_dsa.png"]
+    assert (tmp_path / "r/quick/figure2_cmnist_dm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("data/synthetic/dm.h5", "0" * 40) in read and ("data/synthetic/dm.h5", "1" * 40) in read
+    assert "figure 2: dc at rho 0 unreadable" in caplog.text
+
+
+def test_grid_methods_choose_table1_s_methods():
+    cells = grid.grid_cells(
+        datasets=["cmnist"], ratios=[0.95], methods=["mtt"] if "mtt" in vocab.METHODS else ["dm"]
+    )
+    assert len(cells) == 1 and cells[0].methods is not None
+    assert f"methods=[{cells[0].methods[0]}]" in cells[0].overrides()
+    with pytest.raises(ValueError, match="--methods 'xyz': valid are"):
+        grid.grid_cells(methods=["xyz"])
+    with pytest.raises(ValueError, match="--set 'methods=\\[dm\\]': the grid sets"):
+        grid.grid_cells(extra=["methods=[dm]"])

@@ -146,6 +146,39 @@ def synthetic_grid(
     _save(fig, path)
 
 
+def synthetic_by_ratio(
+    sets: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    per_class: int,
+    path: Path,
+    title: str,
+    num_classes: int = 10,
+) -> None:
+    """The study's Figure 2: one panel per bias ratio (`sets`: panel title -> (images, labels, mean, std)),
+    one row per class, its first `per_class` synthetic images."""
+    fig, axes = plt.subplots(
+        num_classes,
+        len(sets) * (per_class + 1) - 1,
+        figsize=(len(sets) * (per_class + 1) * 0.55, num_classes * 0.55 + 0.6),
+        squeeze=False,
+    )
+    for panel, (name, (images, labels, mean, std)) in enumerate(sets.items()):
+        hwc = _to_hwc(denormalise(images, mean, std))
+        first = panel * (per_class + 1)
+        for c in range(num_classes):
+            index = np.flatnonzero(labels == c)[:per_class]
+            for j in range(per_class):
+                ax = axes[c, first + j]
+                ax.axis("off")
+                if j < len(index):
+                    ax.imshow(hwc[index[j]], interpolation="nearest")
+            if panel:
+                axes[c, first - 1].axis("off")  # the gap between panels
+        axes[0, first + per_class // 2].set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def accuracy_figure(metrics: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
     """Bars per method (mean +- std over repeats) with the full set's mean as a band, both test splits."""
     names = [n for n in metrics if n != "full"]

@@ -46,6 +46,7 @@ class Cell:
     timestamp: datetime | None  # None = the workspace, counted as newest
     settings: Settings = ()  # what else its numbers depend on (`cell_settings`)
     mode: str = "none"  # debias.mode of a method's cell (the full set's is always none)
+    rev: str = ""  # the git revision of the run (experiment or commit; "workspace"), to read its outputs
 
     @property
     def position(self) -> tuple[str, str, float, int, str, str, str]:
@@ -194,6 +195,7 @@ def cells_from_row(row: Mapping[str, Any]) -> list[Cell]:
                 timestamp=timestamp,
                 settings=cell_settings(settings, name, str(point["dataset"]), mode),
                 mode=mode,
+                rev=str(row.get("rev") or ""),
             )
         )
     return cells

@@ -553,7 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cells = select_cells(
-            grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra), args.only
+            grid_cells(
+                args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra, args.methods
+            ),
+            args.only,
         )
         repo = args.repo.resolve()
         git_url = _git_url(repo, args.git_remote)

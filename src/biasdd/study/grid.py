@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biasdd.study.tools import run_tool, tool_command, tool_environment
-from biasdd.vocab import BIAS_RATIOS, BUDGETS, DATASETS, SEVERITIES, SWEEP_RATIOS, TABLE1_SEVERITY
+from biasdd.vocab import BIAS_RATIOS, BUDGETS, DATASETS, METHODS, SEVERITIES, SWEEP_RATIOS, TABLE1_SEVERITY
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,14 @@ def grid_cells(
     severity_sweep: bool = False,
     budget: str = "quick",
     extra: Sequence[str] = (),
+    methods: Sequence[str] | None = None,
 ) -> list[GridCell]:
-    """Table 1's cells, then (with `severity_sweep`) Table 2's DM-only cells not already covered; every
-    cell with the `extra` overrides (KEY=VALUE, not one of the grid's own keys)."""
+    """Table 1's cells (`methods`: their methods; None = params.yaml's), then (with `severity_sweep`) Table
+    2's DM-only cells not already covered; every cell with the `extra` overrides (KEY=VALUE, not one of the
+    grid's own keys)."""
+    for method in methods or ():
+        if method not in METHODS:
+            raise ValueError(f"--methods {method!r}: valid are {', '.join(METHODS)}")
     for dataset in datasets:
         if dataset not in DATASETS:
             raise ValueError(f"dataset {dataset!r}: valid are {', '.join(DATASETS)}")
@@ -109,10 +114,11 @@ def grid_cells(
         if key.lstrip("+~") in GRID_KEYS:
             raise ValueError(
                 f"--set {override!r}: the grid sets {', '.join(GRID_KEYS)} itself (--datasets, --ratios, "
-                "--budget, --severity-sweep); valid are the other params.yaml keys"
+                "--budget, --methods, --severity-sweep); valid are the other params.yaml keys"
             )
     extra = tuple(extra)
-    cells = [GridCell(d, float(r), TABLE1_SEVERITY, budget, extra=extra) for d in datasets for r in ratios]
+    chosen = tuple(methods) if methods else None
+    cells = [GridCell(d, float(r), TABLE1_SEVERITY, budget, chosen, extra) for d in datasets for r in ratios]
     if severity_sweep:
         for dataset in datasets:
             for ratio in SWEEP_RATIOS:
@@ -213,6 +219,9 @@ def add_grid_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--severity-sweep", action="store_true", help="also Table 2's DM severity sweep")
     parser.add_argument("--budget", default="quick", choices=BUDGETS)
     parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="Table 1's methods (default: params.yaml's `methods`)"
+    )
+    parser.add_argument(
         "--set",
         dest="extra",
         action="append",
@@ -259,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if counts.get("Failed") else 0
 
     try:
-        cells = grid_cells(args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra)
+        cells = grid_cells(
+            args.datasets, args.ratios, args.severity_sweep, args.budget, args.extra, args.methods
+        )
     except ValueError as error:
         parser.error(str(error))  # one line and exit status 2, before anything is queued
     failed = queue(cells, args.repo, dry_run=args.dry_run)

@@ -26,6 +26,10 @@ Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/
   (0, 0.1, 0.5, 0.8, 0.95, 1.0) at severity 4; cells top-1 accuracy in %, mean +- std over the repeats.
   `split` is `test_conflicting` (rho = 0: the study's number) or `test_uniform` (rho = 0.1).
 - `table2_<split>.md` / `.csv`: DM at bias ratios 0 and 1.0 (rows, per dataset) x severities 1-4.
+- `figure2_<dataset>_<method>.png`: the study's Figure 2, a method's synthetic images at rho 0 and 1
+  (read back from the runs' DVC outputs; skipped where the local DVC cache lacks them).
+- `figure2_<dataset>_<method>.png`: the study's Figure 2, a method's synthetic images at rho 0 and 1
+  (read back from the runs' DVC outputs; skipped where the local DVC cache lacks them).
 - `curves_<dataset>.png`: accuracy vs bias ratio per method with error bars (std), the full set too,
   at severity 4, one panel per test split.
 - `findings_cmnist.md`: the four findings of docs/protocol.md §8 a CMNIST-DD Table 1 shows (the full set
@@ -57,7 +61,7 @@ from typing import Any
 
 from biasdd import artifacts, figures
 from biasdd.study.cells import UNSET, Variant, collect_cells, find_variants, rows_with_cells, variant_cells
-from biasdd.study.experiments import exp_show_json
+from biasdd.study.experiments import WORKSPACE, exp_show_json
 from biasdd.study.findings import debias_findings, debias_findings_markdown, findings, findings_markdown
 from biasdd.study.tables import (
     _budget_title,
@@ -70,18 +74,22 @@ from biasdd.study.tables import (
     write_cells_csv,
 )
 from biasdd.study.tools import CLUSTER_STATUS
-from biasdd.vocab import DATASET_TITLES, TABLE1_SEVERITY, TEST_SPLITS
+from biasdd.vocab import DATASET_TITLES, METHODS, ROW_TITLES, TABLE1_SEVERITY, TEST_SPLITS
 
 log = logging.getLogger(__name__)
 
 
 def write_report(
-    exp_show: Sequence[Mapping[str, Any]], out: Path, failed: Sequence[Mapping[str, Any]] = ()
+    exp_show: Sequence[Mapping[str, Any]],
+    out: Path,
+    failed: Sequence[Mapping[str, Any]] = (),
+    repo: Path | None = None,
 ) -> dict[str, list[Path]]:
     """Write every table and curve for every budget and variant found; returns the files per folder.
 
     `failed`: records of cells that failed on a cluster (`read_failed_cells`), listed under the tables of
-    their budget's reference settings.
+    their budget's reference settings. `repo`: the DVC repository whose outputs Figure 2 reads (None: no
+    Figure 2).
     """
     rows = rows_with_cells(exp_show)
     cells = collect_cells(exp_show, rows)
@@ -117,6 +125,7 @@ def write_report(
             found = debias_findings(view, budget)
             artifacts.write_text(path, debias_findings_markdown(found, budget, note))
             files.append(path)
+        files += write_figure2(view, budget, folder, repo, note)
         for dataset in sorted({c.dataset for c in view.values()}):
             path = folder / f"curves_{dataset}.png"
             name = DATASET_TITLES.get(dataset, dataset)
@@ -134,6 +143,47 @@ def write_report(
         files += [folder / "cells.csv", folder / "settings.json"]
         log.info("%s: %d cells -> %s%s", variant.folder, len(view), folder, note)
         written[variant.folder] = files
+    return written
+
+
+FIGURE2_RATIOS = (0.0, 1.0)  # the study's Figure 2: synthetic sets of anti-biased and fully biased data
+FIGURE2_PER_CLASS = 5
+
+
+def write_figure2(
+    view: Mapping[tuple, Any], budget: str, folder: Path, repo: Path | None, note: str
+) -> list[Path]:
+    """`figure2_<dataset>_<method>.png` for every method with plain cells at rho 0 and 1: its synthetic
+    sets read back from the runs' DVC outputs (the local cache; a set not there is skipped, logged)."""
+    from biasdd.datasets import SyntheticDataset
+
+    written = []
+    for dataset in sorted({c.dataset for c in view.values()}):
+        for method in METHODS:
+            found = [
+                view.get((budget, dataset, ratio, TABLE1_SEVERITY, method, "test_conflicting", "none"))
+                for ratio in FIGURE2_RATIOS
+            ]
+            if repo is None or any(cell is None or not cell.rev for cell in found):
+                continue
+            sets = {}
+            for ratio, cell in zip(FIGURE2_RATIOS, found, strict=True):
+                rev = None if cell.rev == WORKSPACE else cell.rev
+                try:
+                    data = SyntheticDataset.from_dvc(f"data/synthetic/{method}.h5", repo=str(repo), rev=rev)
+                except Exception as error:  # not in the cache (run elsewhere), or DVC cannot read the rev
+                    log.warning("figure 2: %s at rho %g unreadable (%s); skipped", method, ratio, error)
+                    break
+                sets[f"rho = {ratio:g}"] = (data.images.numpy(), data.targets.numpy(), data.mean, data.std)
+            else:
+                path = folder / f"figure2_{dataset}_{method}.png"
+                name = DATASET_TITLES.get(dataset, dataset)
+                title = (
+                    f"{ROW_TITLES[method]} synthetic images, {name} severity {TABLE1_SEVERITY}, rho 0 "
+                    f"(anti-biased) and 1 (fully biased); {_budget_title(budget, note)}"
+                )
+                figures.synthetic_by_ratio(sets, FIGURE2_PER_CLASS, path, title)
+                written.append(path)
     return written
 
 
@@ -182,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = read_failed_cells(args.repo / CLUSTER_STATUS)
     for record in failed:
         log.warning("%s failed on the cluster: %s", record.get("name"), record.get("error"))
-    written = write_report(exp_show, args.out, failed)
+    written = write_report(exp_show, args.out, failed, repo=args.repo)
     for files in written.values():  # the CLI prints its study tables
         for path in files:
             if path.name.startswith("table1_test_conflicting") and path.suffix == ".md":
