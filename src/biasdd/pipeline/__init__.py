@@ -1,1 +1,1 @@
-"""The pipeline: one module per DVC stage of dvc.yaml, each running its stage (`stages/<stage>.py` is the thin CLI)."""
+"""The pipeline: one module per stage of dvc.yaml (`stages/<stage>.py` is its thin CLI)."""

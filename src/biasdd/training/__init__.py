@@ -1,1 +1,1 @@
-"""What the training stages share: the run settings, data, networks, augmentation, compute settings, training."""
+"""What the training stages share: run settings, data, networks, augmentation, compute, training."""
