@@ -1,0 +1,98 @@
+"""How the bias model's pseudo-groups separate bias from class, by bias ratio (docs/protocol.md §9).
+
+    python benchmarks/bias_model_probe.py --ratios 0.95 0.8 0.5 0.1 0 --out /tmp/probe
+    # ~30 s per ratio on 2 CPU cores at the quick budget's bias model: builds each biased set from MNIST
+
+For each bias ratio: builds CMNIST-DD (params.yaml's settings, that ratio) with the pipeline's own
+stages, trains the bias model as the bias_model stage does, and prints the mean confidence of its
+(label, predicted class) groups, how many groups a threshold keeps, and the inference measures of
+`biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from biasdd.params import load_params
+from biasdd.pipeline import bias_model
+from biasdd.training.data import load_split, train_stats
+from biasdd.training.runtime import derive_seed, net_factory, start
+from biasdd.vocab import NUM_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage(name: str, *args: str) -> None:
+    env = {"PYTHONPATH": str(REPO / "src")}
+    subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py"), *args], check=True, env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.95, 0.8, 0.5, 0.1, 0.0])
+    parser.add_argument("--out", type=Path, required=True, help="a scratch folder for the biased sets")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.7, 0.8, 0.9])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / "base.h5"
+    for ratio in args.ratios:
+        params = load_params(REPO / "params.yaml")
+        params["bias_ratio"] = ratio
+        folder = args.out / f"rho{ratio:g}"
+        folder.mkdir(exist_ok=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        if not base.exists():
+            embedded = str(REPO / "data/embedded")
+            stage(
+                "download",
+                "--params",
+                str(folder / "params.yaml"),
+                "--embedded",
+                embedded,
+                "--out",
+                str(base),
+            )
+        stage("bias_inject", "--params", str(folder / "params.yaml"), "--base", str(base),
+              "--out", str(folder / "biased.h5"))  # fmt: skip
+        setup = bias_model.configure(params)
+        run = start(setup.run)
+        mean, std = train_stats(folder / "biased.h5")
+        train = load_split(folder / "biased.h5", "train", mean, std)
+        generator = torch.Generator().manual_seed(derive_seed(run.seed, "bias_model"))
+        factory = net_factory(run, train.images.shape[1], train.images.shape[-1], width=setup.model.width)
+        probs = bias_model.train_biased_model(train.images, train.labels, setup.model, factory, generator,
+                                              False, run.compute)  # fmt: skip
+        top, predicted = probs.max(1)
+        pairs = train.labels * NUM_CLASSES + predicted
+        counts = torch.bincount(pairs, minlength=NUM_CLASSES**2)
+        confidence = torch.bincount(pairs, weights=top.double(), minlength=NUM_CLASSES**2) / counts.clamp_min(
+            1
+        )
+        other = torch.tensor([i // NUM_CLASSES != i % NUM_CLASSES for i in range(NUM_CLASSES**2)]) & (
+            counts > 0
+        )
+        quantiles = torch.quantile(confidence[other].float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+        print(f"rho {ratio:g}: {int(other.sum())} (label, predicted) groups other than the class's own; mean "
+              f"confidence 10/50/90%: {', '.join(f'{q:.3f}' for q in quantiles)}")  # fmt: skip
+        scores = bias_model.bias_scores(probs, train.labels)
+        for threshold in args.thresholds:
+            per_group = bias_model.pseudo_attributes(probs, train.labels, threshold, setup.model.min_group)
+            per_sample = torch.where(
+                (predicted != train.labels) & (top >= threshold), predicted, train.labels
+            )
+            for name, pseudo in (("per group", per_group), ("per sample", per_sample)):
+                found = bias_model.inference_metrics(scores, pseudo, train.labels, train.attributes)
+                shown = ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in found.items()
+                )
+                print(f"  {name} >= {threshold:g}: {shown}")
+
+
+if __name__ == "__main__":
+    main()
