@@ -406,12 +406,12 @@ def test_synchronized_dm_equals_a_per_group_loop_in_float64():
     assert torch.allclose(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_synchronized_dc_equals_a_per_group_loop_in_float64(batched):
+@pytest.mark.parametrize("way", ["loop", "hooks", "vmap"])
+def test_synchronized_dc_equals_a_per_group_loop_in_float64(way):
     net = _float64_net()
     real, groups, syn = _sync_batch()
     loss = dc.synchronized_matching_loss(
-        net, real, syn, groups, K, dc.ClassGradients(batched), dc.GroupGradients(batched)
+        net, real, syn, groups, K, dc.ClassGradients(way == "vmap"), dc.GroupGradients(way)
     )
     (grad,) = torch.autograd.grad(loss, syn)
     params = [p for p in net.parameters()]

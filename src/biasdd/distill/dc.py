@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -249,22 +249,87 @@ def debiased_matching_loss(
 class GroupGradients:
     """Per (class, group) gradients {name: (K, G, *shape)} of the mean CE over each group's images in
     class c's real batch, for the weights of ndim > 1, and the (K, G) bool mask of the groups present.
-    `batched`: one forward per class and a vmapped backward per group (accelerators); else a loop over
-    classes and their groups, each group's images through the network eagerly (the CPU: the groups'
-    varying sizes would recompile a compiled network). `batched=None` picks by device."""
 
-    def __init__(self, batched: bool | None = None) -> None:
-        self.batched = batched
+    `way`: "vmap" (one forward per class, a vmapped backward per group; accelerators), "hooks" (one eager
+    forward and backward per class, then every image's weight gradients from its layer inputs and output
+    gradients, averaged per group: images do not interact in the network, so these are exactly the
+    groups' gradients; the CPU), or "loop" (each group's images through the network on their own; any
+    network).
+    None picks vmap on accelerators, else hooks where the network's matched weights are all stride-1
+    convolutions and linear layers, else loop."""
+
+    def __init__(self, way: Literal["vmap", "hooks", "loop"] | None = None) -> None:
+        self.way = way
 
     def __call__(
         self, runner: NetworkRunner, images: Tensor, labels: Tensor, groups: Tensor, num_groups: int
     ) -> tuple[dict, Tensor]:
         """images (K, n, C, H, W), labels and groups (K, n); no graph (a constant target)."""
         present = F.one_hot(groups.long(), num_groups).sum(1) > 0  # (K, G)
-        batched = images.device.type != "cpu" if self.batched is None else self.batched
-        if batched:
+        way = self.way
+        if way is None:
+            way = "vmap" if images.device.type != "cpu" else ("hooks" if _hookable(runner.net) else "loop")
+        if way == "vmap":
             return _group_batched(runner, images, labels, groups, num_groups), present
+        if way == "hooks":
+            return _group_hooked(runner, images, labels, groups, num_groups), present
         return _group_looped(runner, images, labels, groups, num_groups), present
+
+
+def _hookable(net: nn.Module) -> bool:
+    """Whether every matched weight is the weight of a plain stride-1 convolution or a linear layer."""
+    for name in matched_names(net):
+        owner, _, kind = name.rpartition(".")
+        module = net.get_submodule(owner)
+        if kind != "weight" or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            return False
+        if isinstance(module, nn.Conv2d) and (
+            module.stride != (1, 1) or module.dilation != (1, 1) or module.groups != 1
+        ):
+            return False
+    return True
+
+
+def _group_hooked(
+    runner: NetworkRunner, images: Tensor, labels: Tensor, groups: Tensor, num_groups: int
+) -> dict:
+    net = runner.net
+    names = matched_names(net)
+    modules = [net.get_submodule(name.rpartition(".")[0]) for name in names]
+    num_classes = images.shape[0]
+    seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        seen[module] = (inputs[0].detach(), output)
+
+    per_class: list[list[Tensor]] = []
+    handles = [module.register_forward_hook(keep) for module in modules]
+    try:
+        for c in range(num_classes):
+            seen.clear()
+            with torch.enable_grad(), runner.compute.autocast(images.device):
+                logits = full_precision(net(images[c].detach()))
+            loss = F.cross_entropy(logits, labels[c], reduction="sum")  # each image's own gradient
+            deltas = torch.autograd.grad(loss, [seen[module][1] for module in modules])
+            one_hot = F.one_hot(groups[c].long(), num_groups).T  # (G, n)
+            mean_over = one_hot / one_hot.sum(1, keepdim=True).clamp_min(1)  # a group's mean; 0 if absent
+            grads = []
+            for module, delta in zip(modules, deltas, strict=True):
+                dtype = module.weight.dtype  # bf16 activations under autocast: sums in full precision
+                inputs, delta = seen[module][0].to(dtype), delta.to(dtype)
+                if isinstance(module, nn.Linear):  # per image: delta_i outer input_i
+                    per_image = delta.flatten(0, -2)[:, :, None] * inputs.flatten(0, -2)[:, None, :]
+                else:  # per image: delta_i (out, pixels) @ unfolded input patches_i (pixels, in * k * k)
+                    patches = F.unfold(inputs, module.kernel_size, padding=module.padding)
+                    per_image = torch.bmm(delta.flatten(2), patches.transpose(1, 2))
+                grads.append(
+                    (mean_over.to(dtype) @ per_image.flatten(1)).view(num_groups, *module.weight.shape)
+                )
+            per_class.append(grads)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.stack([grads[i] for grads in per_class]) for i, name in enumerate(names)}
 
 
 def _group_batched(

@@ -149,6 +149,7 @@ def debias_table(cells: Mapping[tuple, Cell], budget: str, split: str, variant: 
             columns.append(f"{DATASET_TITLES.get(dataset, dataset)} rho={_fmt_ratio(ratio)}")
             keys.append((dataset, ratio))
     present = {(c.method, c.mode) for c in cells.values() if c.budget == budget}
+    methods = {method for method, _ in present}  # every method's plain row, its debiased rows where run
     rows = [
         (
             f"{ROW_TITLES[method]} · {DEBIAS_TITLES[mode]}",
@@ -156,7 +157,7 @@ def debias_table(cells: Mapping[tuple, Cell], budget: str, split: str, variant: 
         )
         for method in METHODS
         for mode in DEBIAS_MODES
-        if (method, mode) in present
+        if (method, mode) in present or (method in methods and mode == "none")
     ]
     title = (
         f"Debiased distillation: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; method x "
