@@ -4,8 +4,9 @@
         --out data/synthetic/dm.h5 --loss metrics/distill/dm_loss.csv --checkpoints data/checkpoints \
         --bias-model data/bias_model.h5
 
-Cost: quick budget a minute or two on 2 CPU cores; paper budget minutes (DM) to an hour (DC/DSA) on one
-GPU. Checkpoints every `distill.checkpoint_every` iterations; a killed run resumes where it stopped.
+Cost, quick budget on 2 CPU cores: about half a minute (DM) to three and a half (DC's three
+distillations); paper budget minutes (DM) to hours (DC/DSA) on one GPU. Checkpoints every
+`distill.checkpoint_every` iterations; a killed run resumes where it stopped.
 """
 
 from __future__ import annotations

@@ -802,7 +802,7 @@ def _grid(values: dict[tuple[float, str], tuple[float, float]]) -> dict[tuple, c
     return cells
 
 
-# The quick budget's Table 1 as README reports it (the cells the four findings rest on).
+# The quick budget's Table 1 as docs/results.md reports it (the cells the four findings rest on).
 QUICK_TABLE1 = {
     (0.1, "dc"): (88.97, 1.06), (0.1, "dsa"): (91.86, 0.75), (0.1, "dm"): (92.38, 0.61),
     (0.1, "full"): (98.70, 0.0), (0.95, "dc"): (17.03, 1.85), (0.95, "dsa"): (14.20, 2.17),

@@ -8,7 +8,7 @@
     biasdd-report                                                     # Tables 1-2, as from a local queue
 
 Cost: the cells' own time divided by the GPUs (or CPU slots) of the cluster, plus ~5 s per cell of git
-and DVC transfers; README.md (the cluster section) has the cost model and measured times.
+and DVC transfers; docs/cluster.md has the cost model and measured times.
 
 What the driver (`run`) does, in the repository it is started in:
 1. the grid's cells (`biasdd.study.grid.grid_cells`, the options of `biasdd-grid queue`); a cell whose
