@@ -214,7 +214,6 @@ def run(setup: BiasModelSetup, data_path: Path, progress: bool = True) -> tuple[
         ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
     )
     groups = {"train": {"scores": scores.numpy().astype(np.float32), "pseudo_attributes": pseudo.numpy()}}
-    log.info("bias model: %s", ", ".join(f"{k} {v}" for k, v in metrics.items()))
     return groups, metrics
 
 
