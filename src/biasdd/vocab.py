@@ -37,7 +37,13 @@ BUDGET_NOTES = {
     "paper": "the study's budget (docs/protocol.md)",
 }
 
-METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM"}  # the keys of biasdd.distill.METHODS
+METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM", "mtt": "MTT"}  # the keys of biasdd.distill.METHODS
 METHODS = tuple(METHOD_TITLES)
+STUDY_METHODS = ("dc", "dsa", "dm")  # the study's methods: its findings (docs/protocol.md §8) are on these
+# Methods whose distillation reads expert trajectories (the registry's `Method.needs_experts`, checked by
+# tests/test_distill.py): declared here so that the experts stage need not import the distillation code,
+# whose every edit would then retrain the experts.
+EXPERT_METHODS = ("mtt",)
+LEARNED_LR = "learned_lr"  # a synthetic set's learned learning rate (MTT), per repeat, read by evaluation
 FULL = "full"  # the "Full set" row: networks trained on the whole biased training set
 ROW_TITLES = {**METHOD_TITLES, FULL: "Full set"}
