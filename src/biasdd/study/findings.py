@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from biasdd.study.cells import Cell
 from biasdd.study.tables import _budget_title, _fmt_cell
-from biasdd.vocab import METHODS, NUM_CLASSES, ROW_TITLES, SPLIT_TITLES, TABLE1_SEVERITY
+from biasdd.vocab import NUM_CLASSES, ROW_TITLES, SPLIT_TITLES, STUDY_METHODS, TABLE1_SEVERITY
 
 # --- the study's findings on CMNIST-DD (docs/protocol.md §8), checked on a folder's Table 1 -------------
 
@@ -56,7 +56,7 @@ def findings(cells: Mapping[tuple, Cell], budget: str) -> list[Finding]:
         spread = max(c.std for c in found.values() if c is not None)
         return Finding(claim, values, margin({n: c.mean for n, c in found.items() if c is not None}), spread)
 
-    methods = list(METHODS)
+    methods = list(STUDY_METHODS)  # the study's claims are about DC, DSA and DM (not MTT)
     return [
         check(
             f"rho 0.95: the full set stays high (>= {100 * FULL_HIGH:.0f}%)",
