@@ -408,6 +408,35 @@ def test_gpu_dm_cell_script_runs_on_the_cpu(tmp_path, biased):
     assert 0.0 <= figures["test_conflicting_accuracy"]["mean"] <= 1.0
 
 
+@pytest.mark.slow
+def test_distill_speed_times_mtt_on_the_cpu(tmp_path):
+    """benchmarks/distill_speed.py's MTT case (part of benchmarks/gpu_check.sh), reduced, on the CPU."""
+    out = tmp_path / "mtt.json"
+    reduced = (
+        "--width 4 --ipc 1 --syn-steps 2 --expert-epochs 1 --max-start-epoch 2 --iterations 1 --warmup 1"
+    )
+    script = str(REPO / "benchmarks/distill_speed.py")
+    command = [
+        sys.executable,
+        script,
+        "--device",
+        "cpu",
+        "--methods",
+        "mtt",
+        "--shapes",
+        "cifar",
+        *reduced.split(),
+    ]
+    command += ["--json", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": "src"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = __import__("json").loads(out.read_text())
+    assert row["method"] == "mtt" and row["settings"] == "reduced" and row["syn_steps"] == 2
+    assert row["seconds_per_outer_iteration"] > 0
+
+
 def test_artifact_bytes_change_only_with_the_code_the_stage_runs(tmp_path):
     """An artifact records the version of the code that made it (`artifacts.code_version`): of the modules its
     stage imports, which are its code deps, and no others. Hashing the whole package made a clean clone's
