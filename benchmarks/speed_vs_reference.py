@@ -10,6 +10,21 @@ ConvNet, so the difference is the structure and the compute settings alone.
 
     python benchmarks/speed_vs_reference.py                      # quick settings, all three, ~10 min
     python benchmarks/speed_vs_reference.py --methods dm --levers  # DM: each lever measured on its own
+    python benchmarks/speed_vs_reference.py --methods mtt --reference-dir /tmp/mtt-ref   # MTT, ~10 min
+
+MTT is timed against the reference's OWN code (Cazenavette et al., github.com/GeorgeCazenavette/
+mtt-distillation), which this repository does not contain: extract it first, e.g.
+`git clone https://github.com/GeorgeCazenavette/mtt-distillation /tmp/mtt-ref`, and pass the folder as
+`--reference-dir`. The script imports its `reparam_module.ReparamModule`, `networks.ConvNet` (through
+`utils.get_network`), `utils.DiffAugment` and `utils.epoch`, and reproduces, with them, one iteration of
+`distill.py`'s loop (a fresh `ReparamModule` student, `syn_steps` steps with `create_graph`, the image
+and step-size updates; `--load_all`'s random expert) and one training epoch of `buffer.py`'s expert loop
+(its DataLoader and `epoch('train', ..., aug=True)`; buffer.py's test pass after each epoch is not
+timed, biasdd has none). `utils.py` imports kornia only for ZCA; where kornia is not installed a stub
+stands in, which fails if anything uses it. Shapes: 3x32x32 (CCIFAR10-DD; the reference's ConvNet
+sizes its classifier for 32x32, so 28x28 three-channel inputs do not fit it, docs/protocol.md §5).
+biasdd's side: `METHODS["mtt"]` (per-iteration times from checkpoint stamps) and the experts stage's
+epoch (`trainer.train_epoch` through a `NetworkRunner` compiled from the first call).
 
 Quick settings (the defaults): ConvNet-3 width 32, IPC 10, batch_real 64, CMNIST-DD shape 3x28x28
 (padded to 32x32 in the first conv), DC/DSA outer_loop 10 / inner_loop 50 (the reference's IPC-10 loops);
@@ -31,20 +46,25 @@ environment as it is (benchmarks/RESULTS.md has both).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
 import sys
 import time
+import types
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biasdd.distill import METHODS
+from biasdd.distill import METHODS, mtt
 from biasdd.training import compute
 from biasdd.training.augment import DSAConfig, dsa_augment
-from biasdd.training.compute import ComputeConfig
+from biasdd.training.compute import ComputeConfig, NetworkRunner
 from biasdd.training.nets import build_network
+from biasdd.training.trainer import train_epoch
 
 K = 10
 ALLOCATOR_ENV = {name: str(value) for name, value in compute.ALLOCATOR_THRESHOLDS.items()}
@@ -257,15 +277,224 @@ def levers(args: argparse.Namespace, real: torch.Tensor, labels: torch.Tensor) -
         print(f"| DM lever | {name} | {1e3 * median:.1f} ms | {base / median:.2f}x |", flush=True)
 
 
+# --- MTT against the reference's own code --------------------------------------------------------------
+
+MTT_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # the reference's default (CIFAR-10: with flip)
+
+
+def reference_modules(folder: Path) -> types.SimpleNamespace:
+    """The reference's modules, imported from `folder` (a clone of mtt-distillation)."""
+    if not (folder / "distill.py").is_file() or not (folder / "reparam_module.py").is_file():
+        raise SystemExit(
+            f"speed_vs_reference: --reference-dir {folder}: no MTT reference there (distill.py, "
+            "reparam_module.py); extract it: git clone https://github.com/GeorgeCazenavette/mtt-distillation "
+            f"{folder}"
+        )
+    try:
+        importlib.import_module("kornia")
+    except ImportError:  # utils.py imports kornia for ZCA only, which is not timed here
+
+        def unused(name: str) -> None:
+            raise AttributeError(f"kornia.{name}: a stub (kornia is not installed); ZCA is not benchmarked")
+
+        stub = types.ModuleType("kornia")
+        stub.__getattr__ = unused  # type: ignore[attr-defined]
+        sys.modules["kornia"] = stub
+    sys.path.insert(0, str(folder))
+    return types.SimpleNamespace(
+        utils=importlib.import_module("utils"), reparam=importlib.import_module("reparam_module")
+    )
+
+
+class ReferenceMTT:
+    """distill.py's iteration and buffer.py's training epoch, with the reference's own modules."""
+
+    def __init__(self, ref: types.SimpleNamespace, args: argparse.Namespace, buffer: list) -> None:
+        self.ref, self.args, self.buffer = ref, args, buffer
+        self.model = "ConvNet" if args.width == 128 else f"ConvNetW{args.width}"
+        self.im_size = (args.size, args.size)
+        self.dsa_param = ref.utils.ParamDiffAug()
+        num_images = K * args.ipc
+        self.image_syn = torch.randn(num_images, 3, args.size, args.size).requires_grad_(True)
+        self.label_syn = torch.arange(K).repeat_interleave(args.ipc)
+        self.syn_lr = torch.tensor(0.01).requires_grad_(True)
+        self.optimizer_img = torch.optim.SGD([self.image_syn], lr=1000.0, momentum=0.5)
+        self.optimizer_lr = torch.optim.SGD([self.syn_lr], lr=1e-5, momentum=0.5)
+        self.batch_syn = args.batch_syn or num_images
+        self.criterion = torch.nn.CrossEntropyLoss()
+
+    def iteration(self) -> None:
+        """distill.py's loop body (evaluation and logging aside)."""
+        args, utils = self.args, self.ref.utils
+        student_net = self.ref.reparam.ReparamModule(
+            utils.get_network(self.model, 3, K, self.im_size, dist=False)
+        )
+        student_net.train()
+        num_params = sum(np.prod(p.size()) for p in student_net.parameters())
+        expert_trajectory = self.buffer[np.random.randint(0, len(self.buffer))]
+        start_epoch = np.random.randint(0, args.max_start_epoch)
+        starting_params = expert_trajectory[start_epoch]
+        target_params = expert_trajectory[start_epoch + args.expert_epochs]
+        target_params = torch.cat([p.data.reshape(-1) for p in target_params], 0)
+        student_params = [torch.cat([p.data.reshape(-1) for p in starting_params], 0).requires_grad_(True)]
+        starting_params = torch.cat([p.data.reshape(-1) for p in starting_params], 0)
+        indices_chunks: list = []
+        for _ in range(args.syn_steps):
+            if not indices_chunks:
+                indices = torch.randperm(len(self.image_syn))
+                indices_chunks = list(torch.split(indices, self.batch_syn))
+            these_indices = indices_chunks.pop()
+            x = self.image_syn[these_indices]
+            this_y = self.label_syn[these_indices]
+            x = utils.DiffAugment(x, MTT_STRATEGY, param=self.dsa_param)
+            x = student_net(x, flat_param=student_params[-1])
+            ce_loss = self.criterion(x, this_y)
+            grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+            student_params.append(student_params[-1] - self.syn_lr * grad)
+        param_loss = F.mse_loss(student_params[-1], target_params, reduction="sum") / num_params
+        param_dist = F.mse_loss(starting_params, target_params, reduction="sum") / num_params
+        grand_loss = param_loss / param_dist
+        self.optimizer_img.zero_grad()
+        self.optimizer_lr.zero_grad()
+        grand_loss.backward()
+        self.optimizer_img.step()
+        self.optimizer_lr.step()
+
+    def expert_epoch(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One training epoch of buffer.py's loop: a fresh teacher, SGD(0.01, mom 0, l2 0), its DataLoader."""
+        utils = self.ref.utils
+        epoch_args = types.SimpleNamespace(
+            device="cpu", dsa=True, dsa_strategy=MTT_STRATEGY, dsa_param=self.dsa_param, dataset="CIFAR10"
+        )
+        loader = torch.utils.data.DataLoader(
+            utils.TensorDataset(images, labels), batch_size=256, shuffle=True, num_workers=0
+        )
+        teacher_net = utils.get_network(self.model, 3, K, self.im_size).to("cpu")
+        teacher_net.train()
+        teacher_optim = torch.optim.SGD(teacher_net.parameters(), lr=0.01, momentum=0, weight_decay=0)
+        utils.epoch("train", dataloader=loader, net=teacher_net, optimizer=teacher_optim,
+                    criterion=self.criterion, args=epoch_args, aug=True)  # fmt: skip
+
+
+def stand_in_buffer(args: argparse.Namespace) -> list:
+    """Expert trajectories in the reference's buffer format (per expert, per epoch, the parameter tensors),
+    random steps from a fresh network's init: the iteration's cost does not depend on their values."""
+    generator = torch.Generator().manual_seed(3)
+    net = build_network("convnet3", 3, K, args.size, args.width, generator=generator)
+    buffer = []
+    for _ in range(2):
+        params = [p.detach().clone() for p in net.parameters()]
+        trajectory = [params]
+        for _ in range(args.max_start_epoch + args.expert_epochs):
+            params = [p + 0.01 * torch.randn(p.shape, generator=generator) for p in params]
+            trajectory.append(params)
+        buffer.append(trajectory)
+    return buffer
+
+
+def biasdd_mtt_block(args: argparse.Namespace, buffer: list, setting: ComputeConfig, n: int) -> list[float]:
+    """Seconds of each of `n` MTT iterations of one biasdd run (the first `args.gm_warmup` dropped)."""
+    net = build_network("convnet3", 3, K, args.size, args.width, generator=torch.Generator().manual_seed(0))
+    flat = torch.stack(
+        [torch.stack([torch.cat([p.reshape(-1) for p in epoch]) for epoch in t]) for t in buffer]
+    )
+    trajectories = mtt.Trajectories(flat, *mtt.layout(net))
+    warmup = args.gm_warmup
+    cfg = METHODS["mtt"].config(
+        ipc=args.ipc, iterations=n + warmup, lr_img=1000.0, momentum_img=0.5, batch_real=256, init="real",
+        syn_steps=args.syn_steps, expert_epochs=args.expert_epochs, max_start_epoch=args.max_start_epoch,
+        lr_lr=1e-5, lr_teacher=0.01, batch_syn=args.batch_syn,
+    )  # fmt: skip
+    real = torch.randn(K * 50, 3, args.size, args.size, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(K).repeat_interleave(50)
+    stamps = [time.perf_counter()]
+    METHODS["mtt"](
+        real, labels, K, cfg,
+        lambda g: build_network("convnet3", 3, K, args.size, args.width, generator=g),
+        torch.Generator().manual_seed(0), dsa=DSAConfig(MTT_STRATEGY, 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5),
+        compute=setting, progress=False, upstream=trajectories, checkpoint_every=1,
+        on_checkpoint=lambda state: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    deltas = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return deltas[warmup:]
+
+
+def biasdd_expert_epochs(
+    args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, setting: ComputeConfig, n: int
+) -> list[float]:
+    """Seconds of each of `n` expert epochs as the experts stage trains them (one warm-up epoch dropped)."""
+    generator = torch.Generator().manual_seed(5)
+    net = build_network("convnet3", 3, K, args.size, args.width, generator=generator)
+    runner = NetworkRunner(net, setting, "cpu", compile_after=1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0, weight_decay=0)
+    dsa = DSAConfig(MTT_STRATEGY, 0.125, 0.5, 1.2, 15.0, 1.0, 2.0, 0.5)
+    net.train()
+    out = []
+    for _ in range(n + 1):
+        start = time.perf_counter()
+        loss = train_epoch(
+            runner, optimizer, images, labels, 256, generator, lambda x, g: dsa_augment(x, dsa, g)
+        )
+        float(loss)  # the experts stage reads each epoch's loss
+        out.append(time.perf_counter() - start)
+    return out[1:]
+
+
+def compare_mtt(args: argparse.Namespace) -> None:
+    if args.reference_dir is None:
+        raise SystemExit("speed_vs_reference: --methods mtt needs --reference-dir (see the docstring)")
+    ref = ReferenceMTT(reference_modules(Path(args.reference_dir)), args, stand_in_buffer(args))
+    settings = {"bf16+compile": ComputeConfig("bf16", True), "fp32 eager": ComputeConfig("fp32", False)}
+    images = torch.randn(
+        args.expert_images, 3, args.size, args.size, generator=torch.Generator().manual_seed(6)
+    )
+    labels = torch.arange(args.expert_images) % K
+    ref.iteration()  # warm-up: allocator, first calls
+    iterations: dict[str, list[float]] = {"reference": [], **{k: [] for k in settings}}
+    epochs: dict[str, list[float]] = {"reference": [], **{k: [] for k in settings}}
+    for _ in range(args.rounds):
+        for _ in range(args.gm_iterations):
+            start = time.perf_counter()
+            ref.iteration()
+            iterations["reference"].append(time.perf_counter() - start)
+        for name, setting in settings.items():
+            iterations[name] += biasdd_mtt_block(args, ref.buffer, setting, args.gm_iterations)
+        start = time.perf_counter()
+        ref.expert_epoch(images, labels)
+        epochs["reference"].append(time.perf_counter() - start)
+        for name, setting in settings.items():
+            epochs[name] += biasdd_expert_epochs(args, images, labels, setting, 1)
+    for what, times in (
+        ("MTT, s / iteration", iterations),
+        (f"expert, s / epoch of {args.expert_images}", epochs),
+    ):
+        reference = statistics.median(times["reference"])
+        for name in settings:
+            median = statistics.median(times[name])
+            print(
+                f"| {what} | reference's own code (fp32 eager) | {reference:.3f} s | biasdd {name} | "
+                f"{median:.3f} s | {reference / median:.2f}x |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="dm,dc,dsa")
+    parser.add_argument("--methods", default="dm,dc,dsa", help="of dm, dc, dsa, mtt")
+    parser.add_argument("--reference-dir", help="MTT: a clone of the reference's repository (see above)")
+    parser.add_argument("--syn-steps", type=int, default=10, help="MTT: student steps (quick budget: 10)")
+    parser.add_argument("--expert-epochs", type=int, default=1, help="MTT (quick budget: 1)")
+    parser.add_argument("--max-start-epoch", type=int, default=2, help="MTT (quick budget: 2)")
+    parser.add_argument("--batch-syn", type=int, default=None, help="MTT: images per step (default: all)")
+    parser.add_argument("--expert-images", type=int, default=10000, help="MTT: images of an expert epoch")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--batch-real", type=int, default=64)
     parser.add_argument("--outer-loop", type=int, default=10)
     parser.add_argument("--inner-loop", type=int, default=50)
-    parser.add_argument("--size", type=int, default=28, help="28 (CMNIST-DD) or 32 (CCIFAR10-DD)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="28 (CMNIST-DD, default) or 32 (CCIFAR10-DD); MTT: 32"
+    )
     parser.add_argument("--dm-iterations", type=int, default=20, help="timed DM iterations per block")
     parser.add_argument(
         "--gm-iterations", type=int, default=2, help="timed DC/DSA outer iterations per block"
@@ -278,6 +507,12 @@ def main() -> None:
         "--default-allocator", action="store_true", help="do not fix glibc's thresholds (see above)"
     )
     args = parser.parse_args()
+    with_mtt = "mtt" in args.methods.split(",")
+    if with_mtt and args.size not in (None, 32):
+        raise SystemExit(
+            "speed_vs_reference: MTT runs at --size 32 (the reference's ConvNet does not fit 3x28x28)"
+        )
+    args.size = args.size or (32 if with_mtt else 28)
     if not args.default_allocator and any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
     print(
@@ -298,7 +533,10 @@ def main() -> None:
         levers(args, real, labels)
         return
     for method in args.methods.split(","):
-        compare(method, args, real, labels)
+        if method == "mtt":
+            compare_mtt(args)
+        else:
+            compare(method, args, real, labels)
 
 
 if __name__ == "__main__":

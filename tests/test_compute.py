@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from biasdd.distill import dc, dm
+from biasdd.distill import dc, dm, driver, mtt
 from biasdd.training import compute, runtime
 from biasdd.training.compute import ComputeConfig, NetworkRunner
 from biasdd.training.nets import build_network
@@ -75,6 +75,47 @@ def test_bf16_dc_matching_loss_within_tolerance():
         assert abs(losses[1] - losses[0]) / losses[0] < LOSS_RTOL, losses
 
 
+def _mtt_loss_and_grads(setting: ComputeConfig, seed: int = 0) -> tuple[float, torch.Tensor, float]:
+    """MTT's loss, image gradient and step-size gradient: 10 student steps on 8 images per class, matched
+    to 2 epochs of a plain-SGD expert on the planted set."""
+    images, labels = _planted(32, seed)
+    expert = _net(100 + seed)
+    optimizer = torch.optim.SGD(expert.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    snapshots = [torch.cat([p.detach().reshape(-1) for p in expert.parameters()])]
+    for _ in range(3):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), 16):
+            index = order[start : start + 16]
+            loss = torch.nn.functional.cross_entropy(expert(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        snapshots.append(torch.cat([p.detach().reshape(-1) for p in expert.parameters()]))
+    trajectories = mtt.Trajectories(torch.stack(snapshots)[None], *mtt.layout(expert))
+    cfg = mtt.MTTConfig(ipc=8, iterations=1, lr_img=100.0, momentum_img=0.5, batch_real=8, init="real",
+                        syn_steps=10, expert_epochs=2, max_start_epoch=2, lr_lr=1e-5, lr_teacher=0.01,
+                        batch_syn=None)  # fmt: skip
+    labels8 = driver.class_labels(K, 8, "cpu")
+    context = driver.Context(K, 8, labels8, None, None, generator, torch.device("cpu"), trajectories)
+    matcher = mtt.TrajectoryMatching(cfg, context)
+    runner = NetworkRunner(_net(seed), setting, "cpu")
+    matcher.start(runner)
+    syn = images.view(K, 32, 3, SIZE, SIZE)[:, :8].clone().requires_grad_(True)
+    loss = matcher.loss(runner, driver.Batch(None, syn, None))
+    grad_images, grad_lr = torch.autograd.grad(loss, [syn, matcher.syn_lr])
+    return float(loss.detach()), grad_images, float(grad_lr)
+
+
+def test_bf16_mtt_loss_and_gradients_within_tolerance():
+    for seed in range(3):
+        loss32, images32, lr32 = _mtt_loss_and_grads(compute.FP32, seed)
+        loss16, images16, lr16 = _mtt_loss_and_grads(BF16, seed)
+        assert abs(loss16 - loss32) / loss32 < LOSS_RTOL, (loss16, loss32)
+        assert _cosine(images16, images32) > GRAD_COSINE
+        assert abs(lr16 - lr32) / abs(lr32) < LOSS_RTOL, (lr16, lr32)
+
+
 def test_bf16_evaluation_accuracy_within_tolerance():
     train_images, train_labels = _planted(24, 2)
     test_images, test_labels = _planted(100, 3)
@@ -125,6 +166,16 @@ def test_compiled_passes_match_eager():
     )
     assert abs(loss.item() - eager_loss) / eager_loss < 1e-4
     assert _cosine(grad, eager_grad) > 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_mtt_student_matches_eager(precision):
+    """MTT's student step through torch.compile (its double backward included) against eager."""
+    eager = _mtt_loss_and_grads(ComputeConfig(precision, False))
+    compiled = _mtt_loss_and_grads(ComputeConfig(precision, True))
+    assert abs(compiled[0] - eager[0]) / eager[0] < (1e-4 if precision == "fp32" else LOSS_RTOL)
+    assert _cosine(compiled[1], eager[1]) > (0.9999 if precision == "fp32" else GRAD_COSINE)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):

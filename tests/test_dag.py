@@ -23,11 +23,13 @@ from biasdd.dag import code_of, declared_code, expected_deps, paths, rewrite, sc
 from biasdd.dag import main as dag_main
 from biasdd.errors import UserError
 from biasdd.params import load_params
+from biasdd.vocab import METHODS
 
 from .tiny import REPO
 
 SRC = REPO / "src"
-PARAMS = load_params(REPO / "params.yaml")
+# Every registered method's stages, not only the default run's (`methods` leaves MTT out).
+PARAMS = {**load_params(REPO / "params.yaml"), "methods": list(METHODS)}
 
 
 STAGES = [(name, item, definition) for name, _, item, definition in stages(REPO, PARAMS)]
@@ -149,6 +151,14 @@ def test_every_declared_param_of_a_foreach_stage_is_read_by_some_item():
                 )
             )
             assert unused == [], f"{name}: declared params no item reads"
+
+
+def test_every_method_has_its_experts_distill_and_evaluate_stages():
+    names = {name for name, _, _ in STAGES}
+    assert {f"{stage}@{m}" for stage in ("experts", "distill", "evaluate") for m in METHODS} <= names
+    assert "experts@mtt" in names and "distill@mtt" in names
+    # the experts stage runs no distillation code: an edit of a method must not retrain MTT's experts
+    assert not [p for p in code_of(REPO / "stages/experts.py", SRC) if "distill" in p.parts]
 
 
 def test_the_guard_sees_what_it_should():

@@ -1,21 +1,27 @@
-"""DC, DSA, DM on a tiny planted dataset: loss falls, determinism, resume, batched maths vs loops."""
+"""DC, DSA, DM, MTT on a tiny planted dataset: loss falls, determinism, resume, batched maths vs loops, and
+MTT's loss and gradients against a transcription of the reference's step."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from biasdd import vocab
 from biasdd.config import from_dict
-from biasdd.distill import METHODS, DistillResult, dc, dm, driver, sampling
-from biasdd.training.augment import DSAConfig
+from biasdd.distill import METHODS, DistillResult, dc, dm, driver, mtt, sampling
+from biasdd.errors import ConfigError
+from biasdd.training.augment import DSAConfig, dsa_augment
+from biasdd.training.compute import FP32, NetworkRunner
 from biasdd.training.nets import build_network
 
 from .tiny import tiny_params
 
 NUM_CLASSES, CHANNELS, SIZE, PER_CLASS, WIDTH = 3, 3, 16, 12, 8
+SHAPE = (CHANNELS, SIZE, SIZE)
 
 # Tiny settings per method; loss-fall runs override iterations and lr_img.
 TINY = {
@@ -44,9 +50,24 @@ TINY = {
         init="real",
     ),
     "dm": dict(ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real"),
+    "mtt": dict(
+        ipc=2,
+        iterations=3,
+        lr_img=100.0,
+        momentum_img=0.5,
+        batch_real=8,  # unused by MTT
+        init="real",
+        syn_steps=3,
+        expert_epochs=1,
+        max_start_epoch=2,
+        lr_lr=1e-5,
+        lr_teacher=0.01,
+        batch_syn=None,
+    ),
 }
 # (iterations, lr_img, window) where the loss falls clearly from noise init with seed 0.
-LOSS_FALL = {"dc": (20, 3.0, 5), "dsa": (20, 3.0, 5), "dm": (60, 10.0, 10)}
+LOSS_FALL = {"dc": (20, 3.0, 5), "dsa": (20, 3.0, 5), "dm": (60, 10.0, 10), "mtt": (30, 100.0, 5)}
+EXPERTS, EXPERT_EPOCHS = 2, 4  # tiny expert trajectories for MTT, trained on the planted set
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +87,36 @@ def planted() -> tuple[torch.Tensor, torch.Tensor]:
     images = colours[labels] + 0.5 * torch.randn(len(labels), CHANNELS, SIZE, SIZE, generator=generator)
     order = torch.randperm(len(labels), generator=generator)  # real sets are not sorted by class
     return images[order], labels[order]
+
+
+def train_trajectories(images: torch.Tensor, labels: torch.Tensor, dtype=torch.float32) -> mtt.Trajectories:
+    """EXPERTS plain-SGD experts (lr 0.01, batches of 12), flat parameters before and after each epoch."""
+    trajectories = []
+    for expert in range(EXPERTS):
+        generator = torch.Generator().manual_seed(100 + expert)
+        net = net_factory(generator).to(dtype)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        snapshots = [torch.cat([p.detach().reshape(-1) for p in net.parameters()])]
+        for _ in range(EXPERT_EPOCHS):
+            order = torch.randperm(len(labels), generator=generator)
+            for start in range(0, len(labels), 12):
+                index = order[start : start + 12]
+                loss = F.cross_entropy(net(images[index].to(dtype)), labels[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            snapshots.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+        trajectories.append(torch.stack(snapshots))
+    return mtt.Trajectories(torch.stack(trajectories), *mtt.layout(net))
+
+
+_TRAJECTORIES: dict[int, mtt.Trajectories] = {}  # per planted set (the module's fixture): trained once
+
+
+def trajectories_for(planted) -> mtt.Trajectories:
+    if id(planted) not in _TRAJECTORIES:
+        _TRAJECTORIES[id(planted)] = train_trajectories(*planted)
+    return _TRAJECTORIES[id(planted)]
 
 
 DSA = DSAConfig(
@@ -88,9 +139,11 @@ def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
     images, labels = planted
     extra = {
         k: overrides.pop(k)
-        for k in ("resume", "on_checkpoint", "checkpoint_every", "debias")
+        for k in ("resume", "on_checkpoint", "checkpoint_every", "debias", "compute")
         if k in overrides
     }
+    if METHODS[method].needs_experts:
+        extra["upstream"] = trajectories_for(planted)
     cfg = METHODS[method].config(**{**TINY[method], **overrides})
     generator = torch.Generator().manual_seed(seed)
     return METHODS[method](
@@ -99,7 +152,9 @@ def run(method: str, planted, seed: int = 0, **overrides) -> DistillResult:
 
 
 def test_registry_and_configs_agree():
-    assert set(METHODS) == {"dc", "dsa", "dm"}
+    assert tuple(METHODS) == vocab.METHODS == ("dc", "dsa", "dm", "mtt")  # vocab's titles name the rows
+    assert set(vocab.STUDY_METHODS) < set(METHODS)
+    assert tuple(k for k, m in METHODS.items() if m.needs_experts) == vocab.EXPERT_METHODS == ("mtt",)
     for key, method in METHODS.items():
         assert method.name == key and dataclasses.is_dataclass(method.config)
         assert {f.name for f in dataclasses.fields(method.config)} == set(TINY[key])
@@ -154,6 +209,8 @@ def test_resume_is_bit_identical(method, planted):
     resumed = run(method, planted, seed=99, iterations=5, resume=states[-1])
     assert torch.equal(resumed.images, full.images)
     assert resumed.losses == full.losses
+    assert full.extras.keys() == resumed.extras.keys() == ({vocab.LEARNED_LR} if method == "mtt" else set())
+    assert all(torch.equal(resumed.extras[k], full.extras[k]) for k in full.extras)
 
 
 def test_checkpoint_every_two(planted):
@@ -233,6 +290,125 @@ def test_dm_loss_and_image_gradient_equal_loop():
     expected.backward()
     assert abs(float(loss.detach()) - float(expected.detach())) / float(expected.detach()) < 1e-6
     assert relative_error(syn_a.grad, syn_b.grad) < 1e-6
+
+
+# --- MTT against a transcription of the reference's step (float64) ---------------------------------------
+
+
+def reference_mtt_loss(net, syn, labels, syn_lr, trajectory, start_epoch, cfg, generator, dsa=None):
+    """One iteration of the reference's distill.py, transcribed: flat student parameters read through
+    split + view (its ReparamModule), `autograd.grad(create_graph=True)`, minibatches popped from the end
+    of a split random permutation, mse sums divided by the parameter count."""
+    starting, target = trajectory[start_epoch], trajectory[start_epoch + cfg.expert_epochs]
+    names, shapes = mtt.layout(net)
+    numels = [math.prod(shape) for shape in shapes]
+    student_params = [starting.clone().requires_grad_(True)]
+    batch_syn = cfg.batch_syn or len(syn)
+    indices_chunks: list[torch.Tensor] = []
+    for _ in range(cfg.syn_steps):
+        if not indices_chunks:
+            indices = torch.randperm(len(syn), generator=generator)
+            indices_chunks = list(torch.split(indices, batch_syn))
+        these_indices = indices_chunks.pop()
+        x = syn[these_indices]
+        if dsa is not None:  # the same per-sample augmentation, drawn in the same order
+            x = dsa_augment(x, dsa, generator)
+        flat = student_params[-1]
+        views = {n: p.view(shape) for n, p, shape in zip(names, flat.split(numels), shapes, strict=True)}
+        out = torch.func.functional_call(net, views, (x,))
+        ce_loss = F.cross_entropy(out, labels[these_indices])
+        grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+        student_params.append(student_params[-1] - syn_lr * grad)
+    num_params = sum(numels)
+    param_loss = F.mse_loss(student_params[-1], target, reduction="sum") / num_params
+    param_dist = F.mse_loss(starting, target, reduction="sum") / num_params
+    return param_loss / param_dist
+
+
+@pytest.mark.parametrize("dsa", [None, DSA], ids=["no-augmentation", "same-augmentation"])
+def test_mtt_loss_and_gradients_equal_the_reference_step(planted, dsa):
+    images, labels = planted
+    net = net_factory(torch.Generator().manual_seed(3)).double()
+    trajectories = train_trajectories(images, labels, torch.float64)
+    ipc = 3
+    syn = images[torch.cat([torch.nonzero(labels == c).squeeze(1)[:ipc] for c in range(NUM_CLASSES)])]
+    syn = syn.double()
+    syn_labels = driver.class_labels(NUM_CLASSES, ipc, "cpu")
+    # 9 images in minibatches of 4: chunks 4, 4, 1, the last one drawn first, then a new permutation
+    cfg = mtt.MTTConfig(**{**TINY["mtt"], "ipc": ipc, "syn_steps": 5, "batch_syn": 4, "max_start_epoch": 3})
+    generator = torch.Generator().manual_seed(7)
+    context = driver.Context(
+        NUM_CLASSES, ipc, syn_labels, None, dsa, generator, torch.device("cpu"), trajectories
+    )
+    matcher = mtt.TrajectoryMatching(cfg, context)
+    matcher.syn_lr.data.fill_(0.02)  # not the initial value: the step size is an input like the images
+    saved = generator.get_state()
+    matcher.start(NetworkRunner(net, FP32, "cpu"))
+    syn_ours = syn.clone().requires_grad_(True)
+    loss = matcher.loss(
+        NetworkRunner(net, FP32, "cpu"), driver.Batch(None, syn_ours.view(NUM_CLASSES, ipc, *SHAPE), None)
+    )
+    grad_images, grad_lr = torch.autograd.grad(loss, [syn_ours, matcher.syn_lr])
+
+    generator.set_state(
+        saved
+    )  # the matcher's draws of the expert and the start epoch (the reference's: numpy)
+    expert = int(torch.randint(EXPERTS, (1,), generator=generator))
+    start_epoch = int(torch.randint(cfg.max_start_epoch, (1,), generator=generator))
+    syn_ref = syn.clone().requires_grad_(True)
+    lr_ref = torch.tensor(0.02, dtype=torch.float64, requires_grad=True)
+    expected = reference_mtt_loss(
+        net, syn_ref, syn_labels, lr_ref, trajectories.params[expert], start_epoch, cfg, generator, dsa
+    )
+    expected_images, expected_lr = torch.autograd.grad(expected, [syn_ref, lr_ref])
+    assert math.isfinite(float(expected.detach())) and float(expected.detach()) > 0.01
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert relative_error(grad_images, expected_images) < 1e-9
+    assert float(grad_lr) == pytest.approx(float(expected_lr), rel=1e-9) and float(expected_lr) != 0
+
+
+def test_mtt_draws_no_real_batches(planted, monkeypatch):
+    """The driver draws no real batch for MTT: the only real draw is the `real` init's, none from noise."""
+    draws: list[int] = []
+    original = sampling.ClassSampler.sample
+
+    def counted(self, n, generator):
+        draws.append(n)
+        return original(self, n, generator)
+
+    monkeypatch.setattr(sampling.ClassSampler, "sample", counted)
+    run("mtt", planted, init="real")
+    assert draws == [TINY["mtt"]["ipc"]]  # the init's
+    draws.clear()
+    run("mtt", planted, init="noise")
+    assert draws == []
+    run("dm", planted)
+    assert len(draws) == 1 + TINY["dm"]["iterations"]  # DM: the init's and one per iteration
+
+
+def test_mtt_learns_its_step_size_and_rejects_what_it_cannot_do(planted):
+    images, labels = planted
+    result = run("mtt", planted, iterations=10, lr_lr=1e-4)
+    learned = float(result.extras[vocab.LEARNED_LR])
+    assert learned != TINY["mtt"]["lr_teacher"] and 0 < learned < 1
+    frozen = run("mtt", planted, iterations=10, lr_lr=1e-30)  # a negligible rate keeps the initial value
+    assert float(frozen.extras[vocab.LEARNED_LR]) == pytest.approx(TINY["mtt"]["lr_teacher"], rel=1e-6)
+    cfg = METHODS["mtt"].config(**{**TINY["mtt"], "max_start_epoch": EXPERT_EPOCHS, "expert_epochs": 2})
+    with pytest.raises(
+        ConfigError, match=r"distill\.mtt\.max_start_epoch - 1 \+ distill\.mtt\.expert_epochs = 5 "
+    ):
+        METHODS["mtt"](images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator(), progress=False,
+                       upstream=trajectories_for(planted))  # fmt: skip
+    cfg = METHODS["mtt"].config(**TINY["mtt"])
+    with pytest.raises(ValueError, match="needs its expert trajectories"):
+        METHODS["mtt"](images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator(), progress=False)
+    with pytest.raises(ValueError, match="takes no debiased targets"):
+        METHODS["mtt"](images, labels, NUM_CLASSES, cfg, net_factory, torch.Generator(), progress=False,
+                       upstream=trajectories_for(planted), debias=sampling.DebiasTargets())  # fmt: skip
+    other = build_network("convnet3", CHANNELS, NUM_CLASSES, SIZE, width=WIDTH * 2)
+    with pytest.raises(ValueError, match="recorded for another network"):
+        METHODS["mtt"](images, labels, NUM_CLASSES, cfg, lambda g: other, torch.Generator(), progress=False,
+                       upstream=trajectories_for(planted))  # fmt: skip
 
 
 def test_gradient_distance_ignores_vectors_and_counts_rows():

@@ -3,13 +3,16 @@ and the compact metrics files."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
-from biasdd.pipeline.evaluate import evaluate_ensemble, group_metrics, summarise
+from biasdd.errors import ArtifactError, ConfigError
+from biasdd.pipeline.evaluate import evaluate_ensemble, group_metrics, summarise, train_at_rates
 from biasdd.training.trainer import train_networks
 
 from .test_train import IM_SIZE, make_cfg, max_weight_diff, noisy_flip, tiny_factory
@@ -120,3 +123,62 @@ def test_end_to_end_planted_dataset() -> None:
             assert torch.equal(net.eval()(test_images).argmax(-1), pred[r])
     assert max_weight_diff(nets[0], nets[1]) > 1e-3
     assert max_weight_diff(nets[1], nets[2]) > 1e-3
+
+
+# --- `lr: learned` (MTT's sets are evaluated at their learned learning rate) ---------------------------
+
+
+def test_networks_at_their_own_rates_equal_networks_trained_alone() -> None:
+    """`train_at_rates` groups networks by rate: each equals a network trained alone at its rate, and a
+    network's rate changes it."""
+    g = torch.Generator().manual_seed(0)
+    images, labels, _ = planted_dataset(6, g)
+    per_set = torch.stack([images, images.flip(-1)]).double()  # two synthetic sets (tiny_factory: float64)
+    cfg = make_cfg(epochs=3)
+    seeds, rates = (20, 21, 22), [0.05, 0.01, 0.05]
+    sets = per_set[[0, 1, 0]]
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    ensemble = train_at_rates(
+        sets, labels.expand(3, -1), tiny_factory(), cfg, generators(), rates, progress=False
+    )
+    for r, (seed, rate) in enumerate(zip(seeds, rates, strict=True)):
+        alone = train_networks(
+            sets[r], labels, tiny_factory(), dataclasses.replace(cfg, lr=rate),
+            [torch.Generator().manual_seed(seed)], progress=False,
+        )  # fmt: skip
+        for name, value in alone.params.items():
+            assert torch.equal(ensemble.params[name][r], value[0]), (r, name)
+    at_one_rate = train_at_rates(
+        sets, labels.expand(3, -1), tiny_factory(), cfg, generators(), None, progress=False
+    )
+    name = next(iter(at_one_rate.params))
+    assert torch.equal(at_one_rate.params[name][0], ensemble.params[name][0])  # 0.05 = cfg.lr
+    assert not torch.equal(at_one_rate.params[name][1], ensemble.params[name][1])  # 0.01 != cfg.lr
+
+
+def test_learned_rates_are_read_per_set_and_checked(tmp_path) -> None:
+    from biasdd import artifacts
+    from biasdd.pipeline import evaluate
+
+    from .tiny import tiny_params
+
+    params = {**tiny_params(tmp_path), "device": "cpu"}
+    setup = evaluate.configure(params, "mtt")
+    assert setup.learned_lr and setup.provenance()["train"]["lr"] == "learned"
+    assert not evaluate.configure(params, "dm").learned_lr
+    setup = dataclasses.replace(setup, shared=dataclasses.replace(setup.shared, repeats=3))
+    path = tmp_path / "mtt.h5"
+    groups = {f"repeat_{r}": {"labels": np.zeros(2, np.int64), "@attrs": {"learned_lr": lr}}
+              for r, lr in enumerate([0.02, 0.03])}  # fmt: skip
+    artifacts.write_h5(path, groups, {}, kind="synthetic")
+    assert evaluate.learned_rates(setup, path, 2) == [0.02, 0.03, 0.02]  # network r: set r mod 2
+    artifacts.write_h5(path, {"repeat_0": {"labels": np.zeros(2, np.int64)}}, {}, kind="synthetic")
+    with pytest.raises(ConfigError, match=r"schedule\.cmnist\.mtt\.lr: 'learned', but .* holds no learned"):
+        evaluate.learned_rates(setup, path, 1)
+    groups = {"repeat_0": {"labels": np.zeros(2, np.int64), "@attrs": {"learned_lr": -0.5}}}
+    artifacts.write_h5(path, groups, {}, kind="synthetic")
+    with pytest.raises(ArtifactError, match=r"learned learning rate is -0\.5, not a positive number .*lr_lr"):
+        evaluate.learned_rates(setup, path, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biasdd.distill import METHODS, dc
+from biasdd.distill import METHODS, dc, mtt
 from biasdd.training.augment import DSAConfig
 from biasdd.training.compute import FP32, ComputeConfig, NetworkRunner
 from biasdd.training.nets import build_network
@@ -71,14 +71,30 @@ def test_stacked_training_on_cuda_equals_one_by_one_on_the_cpu():
         torch.testing.assert_close(nets[1][name], nets[0][name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def _trajectories(epochs: int = 3) -> mtt.Trajectories:
+    """Stand-in expert trajectories: an init plus growing random steps (MTT's maths runs on any)."""
+    net = _net("cpu", 5)
+    g = torch.Generator().manual_seed(5)
+    start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    steps = 0.01 * torch.randn(epochs, start.numel(), generator=g)
+    params = torch.cat([start[None], start + steps.cumsum(0)])[None]  # (1, epochs + 1, P)
+    return mtt.Trajectories(params, *mtt.layout(net))
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_methods_run_on_cuda_and_are_deterministic(method, precision):
     images, labels = _data(12)
     images, labels = images.cuda(), labels.cuda()
     values = dict(ipc=2, iterations=3, lr_img=0.1, momentum_img=0.5, batch_real=8, init="real")
-    if method != "dm":
+    extra = {}
+    if method in ("dc", "dsa"):
         values.update(outer_loop=2, inner_loop=1, lr_net=0.01, batch_train=8)
+    if method == "mtt":
+        values.update(
+            syn_steps=3, expert_epochs=1, max_start_epoch=2, lr_lr=1e-5, lr_teacher=0.01, batch_syn=None
+        )
+        extra["upstream"] = _trajectories()
     cfg = METHODS[method].config(**values)
     runs = [
         METHODS[method](
@@ -91,6 +107,7 @@ def test_methods_run_on_cuda_and_are_deterministic(method, precision):
             dsa=DSA,
             compute=ComputeConfig(precision, False),
             progress=False,
+            **extra,
         )
         for _ in range(2)
     ]
@@ -98,3 +115,29 @@ def test_methods_run_on_cuda_and_are_deterministic(method, precision):
         torch.isfinite(torch.tensor(runs[0].losses))
     )
     torch.testing.assert_close(runs[0].images, runs[1].images, atol=1e-5, rtol=1e-4)
+
+
+def test_mtt_on_cuda_equals_the_cpu():
+    """MTT's unrolled student (eager on accelerators, `torch.func.grad`) against the CPU's, fp32."""
+    trajectories = _trajectories()
+    cfg = METHODS["mtt"].config(
+        ipc=2, iterations=2, lr_img=100.0, momentum_img=0.5, batch_real=8, init="real", syn_steps=3,
+        expert_epochs=1, max_start_epoch=2, lr_lr=1e-5, lr_teacher=0.01, batch_syn=None,
+    )  # fmt: skip
+    images, labels = _data(12)
+    results = [
+        METHODS["mtt"](
+            images.to(device),
+            labels.to(device),
+            K,
+            cfg,
+            _factory(device),
+            torch.Generator().manual_seed(0),
+            dsa=None,
+            progress=False,
+            upstream=trajectories,
+        )  # fmt: skip
+        for device in ("cpu", "cuda")
+    ]
+    torch.testing.assert_close(results[1].images, results[0].images, atol=1e-4, rtol=1e-3)
+    assert results[1].losses == pytest.approx(results[0].losses, rel=1e-3)

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from biasdd import artifacts
-from biasdd.distill import METHODS
 from biasdd.study import experiments
+from biasdd.vocab import STUDY_METHODS as METHODS  # the default run's methods (MTT: its own test below)
 
 from .tiny import make_repo, run
 
@@ -39,11 +39,9 @@ def test_whole_pipeline_tiny(tmp_path):
     second repro skips everything and `dvc metrics show` reads the metrics."""
     repo = make_repo(tmp_path)
     out = run(repo, "dvc", "repro")
-    for stage in (
-        ["download", "bias_inject", "bias_model", "bias_classifier", "evaluate_full", "plot"]
-        + [f"distill@{m}" for m in METHODS]
-        + [f"evaluate@{m}" for m in METHODS]
-    ):
+    for stage in ["download", "bias_inject", "bias_model", "bias_classifier", "evaluate_full", "plot"] + [
+        f"{stage}@{m}" for m in METHODS for stage in ("experts", "distill", "evaluate")
+    ]:
         assert f"Running stage '{stage}'" in out, stage
     for method in METHODS:
         attrs = artifacts.read_attrs(repo / f"data/synthetic/{method}.h5")
@@ -134,6 +132,7 @@ def test_one_method_runs_only_its_stages_and_keeps_the_others(tmp_path):
         "bias_inject",
         "bias_model",
         "bias_classifier",
+        "experts@dm",
         "distill@dm",
         "evaluate@dm",
         "evaluate_full",
@@ -145,8 +144,47 @@ def test_one_method_runs_only_its_stages_and_keeps_the_others(tmp_path):
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "dm only")
     again = run(repo, "dvc", "exp", "run", "-S", "methods=[dm,dc]")
-    assert set(RUNNING.findall(again)) == {"distill@dc", "evaluate@dc", "plot"}
+    assert set(RUNNING.findall(again)) == {"experts@dc", "distill@dc", "evaluate@dc", "plot"}
     assert "Stage 'distill@dm' didn't change" in again
+
+
+@pytest.mark.slow
+def test_mtt_runs_only_its_stages_and_the_experts_and_an_unknown_method_fails_in_one_line(tmp_path):
+    """`dvc exp run -S 'methods=[mtt]'`: MTT's experts, distillation and evaluation (at the set's learned
+    learning rate) and the shared stages; `methods=[xyz]` stops at experts@xyz with our one-line error."""
+    repo = make_repo(tmp_path)
+    out = run(repo, "dvc", "exp", "run", "-S", "methods=[mtt]")
+    assert set(RUNNING.findall(out)) == {
+        "download",
+        "bias_inject",
+        "bias_model",
+        "bias_classifier",
+        "experts@mtt",
+        "distill@mtt",
+        "evaluate@mtt",
+        "evaluate_full",
+        "plot",
+    }
+    trajectories = artifacts.read_h5(repo / "data/experts/mtt.h5", "trajectories", kind="experts")
+    assert trajectories["params"].shape[:2] == (2, 3)  # TINY: 2 experts, 2 epochs (+ the init)
+    learned = [
+        artifacts.read_attrs(repo / "data/synthetic/mtt.h5", f"repeat_{r}")["learned_lr"] for r in (0, 1)
+    ]
+    details = json.loads((repo / "metrics/details/mtt.json").read_text())
+    assert details["learned_lr"] == learned and details["provenance"]["train"]["lr"] == "learned"
+    assert learned[0] != learned[1] and all(0 < lr < 1 for lr in learned)
+    headline = json.loads((repo / "metrics/test_conflicting/mtt.json").read_text())
+    assert 0.0 <= headline["acc"] <= 1.0
+    summary = json.loads((repo / "plots/summary.json").read_text())
+    assert {row["name"] for row in summary["rows"]} == {"full", "mtt"}
+
+    failed = run(repo, "dvc", "exp", "run", "-S", "methods=[xyz]", check=False)
+    ours = [line for line in failed.splitlines() if line.startswith("experts: error: ")]
+    assert ours == [
+        "experts: error: method: 'xyz' is not valid; choose one of ['dc', 'dm', 'dsa', 'mtt'] "
+        "(set BIASDD_DEBUG=1 for a traceback)"
+    ], failed[-3000:]
+    assert "Parameters" not in failed and "are missing" not in failed
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from biasdd.distill import METHODS
 from biasdd.params import compose_params, load_params
 from biasdd.pipeline import distill as distill_stage
 from biasdd.pipeline import evaluate
+from biasdd.pipeline import experts as experts_stage
+from biasdd.vocab import STUDY_METHODS
 
 from .tiny import REPO, make_repo, run, tiny_params
 
@@ -70,10 +72,10 @@ def biased(tmp_path_factory) -> Path:
     return tmp / "biased.h5"
 
 
-def _distill_args(params: Path, biased: Path, out: Path, checkpoints: Path) -> list[str]:
+def _distill_args(params: Path, biased: Path, out: Path, checkpoints: Path, method: str = "dm") -> list[str]:
     return [
         "--method",
-        "dm",
+        method,
         "--params",
         str(params),
         "--data",
@@ -84,27 +86,40 @@ def _distill_args(params: Path, biased: Path, out: Path, checkpoints: Path) -> l
         str(out.with_suffix(".csv")),
         "--checkpoints",
         str(checkpoints),
+        "--experts",
+        str(checkpoints.parent / "experts" / f"{method}.h5"),  # what `_experts` writes
     ]
 
 
+def _experts(params: Path, biased: Path, method: str, checkpoints: Path) -> Path:
+    """The experts stage's output for `method` beside `checkpoints` (where `_distill_args` looks)."""
+    out = checkpoints.parent / "experts" / f"{method}.h5"
+    _stage("experts", "--method", method, "--params", str(params), "--data", str(biased), "--out", str(out),
+           "--checkpoints", str(checkpoints))  # fmt: skip
+    return out
+
+
 @pytest.mark.slow
-def test_killed_distillation_resumes_to_the_same_bytes(tmp_path, biased):
-    def long_dm(params):
-        params["distill"]["dm"]["iterations"] = 400
-        params["distill"]["checkpoint_every"] = 25
+@pytest.mark.parametrize(("method", "iterations"), [("dm", 400), ("mtt", 60)])
+def test_killed_distillation_resumes_to_the_same_bytes(tmp_path, biased, method, iterations):
+    def long_run(params):
+        params["distill"][method]["iterations"] = iterations
+        params["distill"]["checkpoint_every"] = 10
         params["distill"]["repeats"] = 1
 
-    params = _params(tmp_path, long_dm)
+    params = _params(tmp_path, long_run)
+    _experts(params, biased, method, tmp_path / "ck_ref")
     reference = tmp_path / "reference.h5"
-    _stage("distill", *_distill_args(params, biased, reference, tmp_path / "ck_ref"))
+    _stage("distill", *_distill_args(params, biased, reference, tmp_path / "ck_ref", method))
 
     out, checkpoints = tmp_path / "resumed.h5", tmp_path / "ck"
+    args = _distill_args(params, biased, out, checkpoints, method)
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "stages/distill.py"), *_distill_args(params, biased, out, checkpoints)],
+        [sys.executable, str(REPO / "stages/distill.py"), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    checkpoint = checkpoints / "dm_repeat0.pt"
+    checkpoint = checkpoints / f"{method}_repeat0.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -112,8 +127,8 @@ def test_killed_distillation_resumes_to_the_same_bytes(tmp_path, biased):
     proc.wait()
     assert checkpoint.exists(), "the run ended before its first checkpoint; make it longer"
     assert not out.exists()  # killed: no (partial) artifact
-    resumed = _stage("distill", *_distill_args(params, biased, out, checkpoints))
-    assert "resuming dm repeat 0 from iteration" in resumed.stderr
+    resumed = _stage("distill", *args)
+    assert f"resuming {method} repeat 0 from iteration" in resumed.stderr
     assert out.read_bytes() == reference.read_bytes()
     assert out.with_suffix(".csv").read_bytes() == reference.with_suffix(".csv").read_bytes()
     assert not checkpoint.exists()  # spent checkpoints are removed
@@ -170,6 +185,62 @@ def test_distill_stage_rejects_bad_params_in_one_line(tmp_path, biased, edit, me
     assert len(lines) == 1 and lines[0].startswith("distill: error: "), result.stderr[-2000:]
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
+
+
+def _mtt(**values):
+    return lambda p: p["distill"]["mtt"].update(values)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_mtt(syn_steps=0), r"distill\.mtt\.syn_steps: 0 is not valid; expected an integer in \[1, inf\)"),
+        (
+            _mtt(batch_syn=0),
+            r"distill\.mtt\.batch_syn: 0 is not valid; expected an integer in \[1, inf\) or null",
+        ),
+        (_mtt(lr_lr=-1e-5), r"distill\.mtt\.lr_lr: -1e-05 is not valid; expected a number in \(0, inf\)"),
+        (_mtt(expert_epochs="two"), r"distill\.mtt\.expert_epochs: 'two' is not valid"),
+        (
+            lambda p: p["distill"]["mtt"].pop("max_start_epoch"),
+            r"missing key\(s\) \['distill\.mtt\.max_start_",
+        ),
+        (
+            lambda p: p["debias"].update(mode="groups"),
+            r"debias\.mode: 'groups' is not valid with mtt, which matches no real batches .*; choose 'none'",
+        ),
+    ],
+)
+def test_distill_stage_rejects_bad_mtt_params_in_one_line_before_any_work(tmp_path, edit, message):
+    params = _params(tmp_path, edit)
+    out = tmp_path / "out.h5"
+    args = _distill_args(params, tmp_path / "absent.h5", out, tmp_path / "ck", "mtt")
+    result = _stage("distill", *args, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distill: error: "), result.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_mtt_trajectories_must_reach_the_deepest_target_epoch(tmp_path, biased):
+    """The experts' epochs against distill.mtt's start epochs: one line naming both, before distilling."""
+    params = _params(tmp_path, lambda p: p["distill"]["mtt"].update(max_start_epoch=2, expert_epochs=2))
+    _experts(params, biased, "mtt", tmp_path / "ck")  # the tiny budget's experts: 2 epochs
+    result = _stage(
+        "distill", *_distill_args(params, biased, tmp_path / "o.h5", tmp_path / "ck", "mtt"), check=False
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "distill.mtt.max_start_epoch - 1 + distill.mtt.expert_epochs = 3 must be at most the experts' 2 " \
+        "epochs (`experts.epochs`)" in lines[0]  # fmt: skip
+    dm_experts = _experts(params, biased, "dm", tmp_path / "ck")  # a note that DM needs none
+    (tmp_path / "experts" / "mtt.h5").write_bytes(dm_experts.read_bytes())
+    result = _stage(
+        "distill", *_distill_args(params, biased, tmp_path / "o.h5", tmp_path / "ck", "mtt"), check=False
+    )
+    hint = "holds no expert trajectories (made for another method); rebuild it with `dvc repro experts@mtt`"
+    assert hint in result.stderr
 
 
 def test_a_method_s_own_repeats_override_the_shared_count(tmp_path, biased):
@@ -296,8 +367,11 @@ def test_a_label_free_mode_without_its_bias_model_fails_before_any_work(tmp_path
 
 def test_unknown_method_and_augment_name_the_valid_ones():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(ValueError, match=r"method: 'mtt' is not valid; choose one of \['dc', 'dm', 'dsa'\]"):
-        distill_stage.configure(params, "mtt")
+    valid = r"choose one of \['dc', 'dm', 'dsa', 'mtt'\]"
+    with pytest.raises(ValueError, match=rf"method: 'xyz' is not valid; {valid}"):
+        distill_stage.configure(params, "xyz")
+    with pytest.raises(ValueError, match=rf"method: 'xyz' is not valid; {valid}"):
+        experts_stage.configure(params, "xyz")
     with pytest.raises(
         ValueError,
         match=r"evaluate\.synthetic\.schedule\.cmnist\.dm\.augment: 'mixup' is not valid; choose one of "
@@ -306,6 +380,14 @@ def test_unknown_method_and_augment_name_the_valid_ones():
         bad = load_params(REPO / "params.yaml")
         bad["evaluate"]["synthetic"]["schedule"]["cmnist"]["dm"]["augment"] = "mixup"
         evaluate.configure({**bad, "device": "cpu"}, "dm")
+    bad = load_params(REPO / "params.yaml")
+    bad["evaluate"]["synthetic"]["schedule"]["cmnist"]["mtt"]["lr"] = "learnt"
+    with pytest.raises(
+        ValueError,
+        match=r"evaluate\.synthetic\.schedule\.cmnist\.mtt\.lr: 'learnt' is not valid; expected a number in "
+        r"\(0, inf\) or one of \['learned'\]",
+    ):
+        evaluate.configure({**bad, "device": "cpu"}, "mtt")
 
 
 def test_stages_run_the_code_of_their_own_checkout(tmp_path):
@@ -327,9 +409,10 @@ def test_params_yaml_is_composed_from_conf():
 def test_registry_conf_and_dvc_yaml_agree():
     params = load_params(REPO / "params.yaml")
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert sorted(params["methods"]) == sorted(METHODS)
-    assert dvc["stages"]["distill"]["foreach"] == "${methods}"
-    assert dvc["stages"]["evaluate"]["foreach"] == "${methods}"
+    assert params["methods"] == list(STUDY_METHODS)  # the default run: MTT does not fit its 10 minutes
+    assert set(METHODS) == set(params["distill"]) - {"repeats", "checkpoint_every"}
+    for stage in ("experts", "distill", "evaluate"):
+        assert dvc["stages"][stage]["foreach"] == "${methods}"
     # every budget and dataset gives a valid setup for every method and the full set
     for budget in ("quick", "hour", "paper"):
         for dataset in ("cmnist", "ccifar10"):
@@ -341,12 +424,17 @@ def test_registry_conf_and_dvc_yaml_agree():
             for method in METHODS:
                 distill_stage.configure(composed, method)
                 evaluate.configure(composed, method)
+                assert experts_stage.configure(composed, method).needed == METHODS[method].needs_experts
             evaluate.configure(composed, "full")
     # the paper budget is the study's numbers (docs/protocol.md §5-7)
     paper = yaml.safe_load(compose_params(REPO / "conf", ["budget=paper"]))
     assert paper["distill"]["dm"]["iterations"] == 20000 and paper["model"]["width"] == 128
     assert paper["distill"]["dc"]["ipc"] == 50 and paper["evaluate"]["full"]["epochs"] == 150
     assert paper["compute"]["precision"] == "fp32"
+    # MTT's paper values: the reference's CIFAR-10 IPC 50 settings (docs/protocol.md §6, MTT)
+    published = {"ipc": 50, "syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 40, "lr_lr": 1e-5}
+    assert {k: paper["distill"]["mtt"][k] for k in published} == published
+    assert paper["experts"]["num_experts"] == 100 and paper["experts"]["epochs"] == 50
 
 
 @pytest.mark.slow
@@ -377,6 +465,35 @@ def test_gpu_dm_cell_script_runs_on_the_cpu(tmp_path, biased):
     figures = __import__("json").loads(out.read_text())
     assert figures["reduced"] and figures["iterations"] >= 2
     assert 0.0 <= figures["test_conflicting_accuracy"]["mean"] <= 1.0
+
+
+@pytest.mark.slow
+def test_distill_speed_times_mtt_on_the_cpu(tmp_path):
+    """benchmarks/distill_speed.py's MTT case (part of benchmarks/gpu_check.sh), reduced, on the CPU."""
+    out = tmp_path / "mtt.json"
+    reduced = (
+        "--width 4 --ipc 1 --syn-steps 2 --expert-epochs 1 --max-start-epoch 2 --iterations 1 --warmup 1"
+    )
+    script = str(REPO / "benchmarks/distill_speed.py")
+    command = [
+        sys.executable,
+        script,
+        "--device",
+        "cpu",
+        "--methods",
+        "mtt",
+        "--shapes",
+        "cifar",
+        *reduced.split(),
+    ]
+    command += ["--json", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": "src"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = __import__("json").loads(out.read_text())
+    assert row["method"] == "mtt" and row["settings"] == "reduced" and row["syn_steps"] == 2
+    assert row["seconds_per_outer_iteration"] > 0
 
 
 def test_artifact_bytes_change_only_with_the_code_the_stage_runs(tmp_path):

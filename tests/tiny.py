@@ -41,12 +41,14 @@ TINY: dict[str, Any] = {
         "dc": dict(_GM),
         "dsa": dict(_GM),
         "dm": {"ipc": 2, "iterations": 4, "batch_real": 8},
+        "mtt": {"ipc": 2, "iterations": 3, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2},
     },
+    "experts": {"num_experts": 2, "epochs": 2, "batch_size": 64},
     "evaluate": {
         "synthetic": {
             "repeats": 2,
             "schedule": {
-                dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm")}
+                dataset: {m: dict(TINY_SCHEDULE) for m in ("dc", "dsa", "dm", "mtt")}
                 for dataset in ("cmnist", "ccifar10")
             },
         },

@@ -143,13 +143,14 @@ PRODUCERS = {
     "bias_model": "bias_model",
     "bias_classifier": "bias_classifier",
     "synthetic": "distill@<method>",
+    "experts": "experts@<method>",
 }
 
 
 def _rebuild_hint(path: Path, kind: str | None) -> str:
     stage = PRODUCERS.get(kind or "", "<stage>")
-    if kind == "synthetic":
-        stage = f"distill@{path.stem}"
+    if kind in ("synthetic", "experts"):
+        stage = f"{PRODUCERS[kind].split('@')[0]}@{path.stem}"
     return f"rebuild it with `dvc repro {stage}` or fetch it with `dvc pull {path}`"
 
 

@@ -37,7 +37,7 @@ BUDGET_NOTES = {
     "paper": "the study's budget (docs/protocol.md)",
 }
 
-METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM"}  # the keys of biasdd.distill.METHODS
+METHOD_TITLES = {"dc": "DC", "dsa": "DSA", "dm": "DM", "mtt": "MTT"}  # the keys of biasdd.distill.METHODS
 METHODS = tuple(METHOD_TITLES)
 STUDY_METHODS = ("dc", "dsa", "dm")  # the study's methods, whose findings (§8) are checked
 # debias.mode (docs/protocol.md §9): labelled modes use the attribute labels, the `inferred` ones the
@@ -52,5 +52,10 @@ DEBIAS_TITLES = {
     "inferred_groups": "inferred groups (no labels)",
     "inferred_fairdd": "inferred FairDD (no labels)",
 }
+# Methods whose distillation reads expert trajectories (the registry's `Method.needs_experts`, checked by
+# tests/test_distill.py): declared here so that the experts stage need not import the distillation code,
+# whose every edit would then retrain the experts.
+EXPERT_METHODS = ("mtt",)
+LEARNED_LR = "learned_lr"  # a synthetic set's learned learning rate (MTT), per repeat, read by evaluation
 FULL = "full"  # the "Full set" row: networks trained on the whole biased training set
 ROW_TITLES = {**METHOD_TITLES, FULL: "Full set"}

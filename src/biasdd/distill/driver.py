@@ -6,10 +6,13 @@ drawing each step's real (and bias-aligned) batches with siamese DSA, the loss l
 checkpoints and resume. A method is a `Method` registry entry: its config class (the params section
 `distill.<key>`) and a `Matcher` that says how many image steps an outer iteration takes, what the
 loss of one step is, and what happens between steps (DC/DSA train the network; DM does nothing).
+A method may also draw no real batches (`Method.draws_real`: MTT matches expert trajectories, passed
+as `upstream`) and learn tensors besides the images with their own optimiser (`Learnables`: MTT's
+learning rate), which the driver steps, checkpoints and returns (`DistillResult.extras`).
 
 Random numbers all come from the caller's `torch.Generator`, in a fixed order; the generator's state
-plus the synthetic images and the image optimiser's state are the whole state of a run, so a
-checkpoint of those resumes bit-identically.
+plus the synthetic images and the image optimiser's state (and a method's learnables with theirs) are
+the whole state of a run, so a checkpoint of those resumes bit-identically.
 
     result = METHODS["dm"](real_images, real_labels, num_classes, cfg, net_factory, generator, dsa=dsa)
 """
@@ -53,18 +56,20 @@ class DistillConfig(Config):
 @dataclass
 class DistillResult:
     """A distilled set: images (K * ipc, C, H, W) float32 on CPU in normalised space, labels (K * ipc,)
-    int64 sorted by class, and one loss per outer iteration."""
+    int64 sorted by class, one loss per outer iteration, and the final values of the method's own
+    learnable tensors, if any (`extras`, CPU copies by name: MTT's learned learning rate)."""
 
     images: Tensor
     labels: Tensor
     losses: list[float] = field(default_factory=list)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Batch:
     """One image step's inputs, class-major: slice c of each tensor holds class c."""
 
-    real: Tensor  # (K, batch_real, C, H, W), a constant target
+    real: Tensor | None  # (K, batch_real, C, H, W), a constant target; None for a method that draws none
     syn: Tensor  # (K, ipc, C, H, W), differentiable wrt the synthetic images
     aligned: Tensor | None  # (K, batch_real, C, H, W): the bias-aligned batch, with repulsion only
     groups: Tensor | None = None  # (K, batch_real) int64: each real image's group (synchronized matching)
@@ -81,10 +86,28 @@ class Context:
     dsa: DSAConfig | None  # the DSA parameters when the method uses them
     generator: torch.Generator
     device: torch.device
+    upstream: Any = None  # a stage's further input the method reads (MTT: its expert trajectories)
+
+
+@dataclass
+class Learnables:
+    """Tensors a method learns besides the images (MTT's learning rate), with their own optimiser.
+
+    The driver differentiates each image step's loss with respect to them too, steps `optimizer` after
+    the image optimiser, keeps both in checkpoints (a resumed run is bit-identical) and returns their
+    final values in `DistillResult.extras`.
+    """
+
+    tensors: dict[str, Tensor]  # name -> leaf tensor with requires_grad
+    optimizer: torch.optim.Optimizer
 
 
 class Matcher(Protocol):
-    """A method's part of one outer iteration (a fresh network each time)."""
+    """A method's part of one outer iteration (a fresh network each time).
+
+    Optional: a `learnables` attribute (`Learnables`) for tensors the method learns besides the images;
+    a matcher without it has none.
+    """
 
     steps: int  # image steps per outer iteration
 
@@ -105,7 +128,10 @@ class Method:
     name: str
     config: type[DistillConfig]
     matcher: Callable[[Any, Context], Matcher]  # (config, context) -> Matcher
-    uses_dsa: bool  # real and synthetic batches get siamese DSA when a DSAConfig is given
+    uses_dsa: bool  # the method gets the DSAConfig; its real and synthetic batches get siamese DSA
+    draws_real: bool = True  # False: the driver draws no real batch (`Batch.real` is None) and no numbers
+    needs_experts: bool = False  # reads expert trajectories (`upstream`; the experts stage trains them)
+    loss_per_class: bool = True  # the loss is a sum over classes: logged per class (the reference's)
 
     def __call__(self, *args: Any, **kwargs: Any) -> DistillResult:
         """Distil with this method: `distill(method, ...)` with the same arguments."""
@@ -127,6 +153,7 @@ def distill(
     checkpoint_every: int = 0,
     progress: bool = True,
     debias: DebiasTargets | None = None,
+    upstream: Any = None,
 ) -> DistillResult:
     """Distil `real_images` (N, C, H, W) with labels (N,) into `cfg.ipc` images per class.
 
@@ -136,11 +163,18 @@ def distill(
     per class) when the method uses DSA. The loss logged per outer iteration is the per-class mean over
     its steps (the reference's `loss_avg`). `resume`: a `checkpoint_state` snapshot to continue from;
     `on_checkpoint` gets one every `checkpoint_every` outer iterations. `debias=None` is the plain method.
+    A method that draws no real batch (`method.draws_real` False, e.g. MTT) gets no siamese DSA and
+    takes no debias; `upstream` is what it reads besides the images (MTT: `mtt.Trajectories`).
     """
     check_inputs(real_images, real_labels, num_classes)
+    if not method.draws_real and debias is not None:
+        raise ValueError(f"debias: {method.name} draws no real batches, so it takes no debiased targets")
+    if method.needs_experts and upstream is None:
+        raise ValueError(f"upstream: {method.name} needs its expert trajectories")
     device = real_images.device
     sampling = real_sampling(ClassSampler(real_labels, num_classes), real_labels, num_classes, debias)
-    dsa = dsa if method.uses_dsa else None
+    own_dsa = dsa if method.uses_dsa else None  # what the method's context gets
+    dsa = own_dsa if method.draws_real else None  # siamese DSA on each step's real and synthetic batches
     ipc, batch_real, shape = cfg.ipc, cfg.batch_real, real_images.shape[1:]
 
     syn = init_synthetic(real_images, sampling.init, ipc, cfg.init, generator).requires_grad_(True)
@@ -151,12 +185,14 @@ def distill(
     optimizer = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
     networks = FreshNetworks(net_factory, generator)
     runner = NetworkRunner(networks.net, compute, device)
-    context = Context(num_classes, ipc, syn_labels, sampling, dsa, generator, device)
+    context = Context(num_classes, ipc, syn_labels, sampling, own_dsa, generator, device, upstream)
     matcher = method.matcher(cfg, context)
+    learnables: Learnables | None = getattr(matcher, "learnables", None)  # optional (see Matcher)
+    per_step = num_classes if method.loss_per_class else 1
 
     start, log = 0, LossLog()
     if resume is not None:
-        start, log = restore_state(resume, syn, optimizer, generator, cfg.iterations)
+        start, log = restore_state(resume, syn, optimizer, generator, cfg.iterations, learnables)
 
     bar = progress_bar(start, cfg.iterations, method.name, progress)
     for iteration in bar:
@@ -166,11 +202,12 @@ def distill(
         matcher.start(runner)
         total = torch.zeros((), device=device, dtype=real_images.dtype)
         for step in range(matcher.steps):
-            drawn = sampling.target.sample(batch_real, generator)  # (K * batch_real,)
-            real = real_images[drawn]  # (K * batch_real, C, H, W)
-            aligned = None
-            if sampling.aligned is not None:
-                aligned = real_images[sampling.aligned.sample(batch_real, generator)]
+            real = aligned = drawn = None
+            if method.draws_real:
+                drawn = sampling.target.sample(batch_real, generator)  # (K * batch_real,)
+                real = real_images[drawn]  # (K * batch_real, C, H, W)
+                if sampling.aligned is not None:
+                    aligned = real_images[sampling.aligned.sample(batch_real, generator)]
             syn_in = syn
             if dsa is not None:
                 parts = [real, syn] if aligned is None else [real, aligned, syn]
@@ -180,22 +217,34 @@ def distill(
                 real, syn_in = pieces[0], pieces[-1]
                 aligned = pieces[1] if aligned is not None else None
             batch = Batch(
-                real.view(num_classes, batch_real, *shape),
+                None if real is None else real.view(num_classes, batch_real, *shape),
                 syn_in.view(num_classes, ipc, *shape),
                 None if aligned is None else aligned.view(num_classes, batch_real, *shape),
-                None if sampling.groups is None else sampling.groups[drawn].view(num_classes, batch_real),
+                None
+                if sampling.groups is None or drawn is None
+                else sampling.groups[drawn].view(num_classes, batch_real),
             )
             loss = matcher.loss(runner, batch)
             optimizer.zero_grad(set_to_none=True)
-            (syn.grad,) = torch.autograd.grad(loss, [syn])  # only the images' gradient is needed
+            if learnables is None:
+                (syn.grad,) = torch.autograd.grad(loss, [syn])  # only the images' gradient is needed
+            else:
+                syn.grad, *grads = torch.autograd.grad(loss, [syn, *learnables.tensors.values()])
+                learnables.optimizer.zero_grad(set_to_none=True)
+                for tensor, grad in zip(learnables.tensors.values(), grads, strict=True):
+                    tensor.grad = grad
             optimizer.step()
+            if learnables is not None:
+                learnables.optimizer.step()
             total += loss.detach()
             if step < matcher.steps - 1:
                 matcher.between(runner, syn.detach())
-        log.append(total / (num_classes * matcher.steps))
+        log.append(total / (per_step * matcher.steps))
         update_progress(bar, iteration, log)
-        maybe_checkpoint(iteration + 1, checkpoint_every, on_checkpoint, syn, optimizer, generator, log)
-    return finish(syn, num_classes, ipc, log)
+        maybe_checkpoint(
+            iteration + 1, checkpoint_every, on_checkpoint, syn, optimizer, generator, log, learnables
+        )
+    return finish(syn, num_classes, ipc, log, learnables)
 
 
 # --- synthetic init ---------------------------------------------------------------------------------
@@ -321,16 +370,27 @@ class LossLog:
 
 
 def checkpoint_state(
-    iteration: int, images: Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator, log: LossLog
+    iteration: int,
+    images: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    log: LossLog,
+    learnables: Learnables | None = None,
 ) -> dict[str, Any]:
     """A self-contained snapshot (CPU copies) of a run after `iteration` completed outer iterations."""
-    return {
+    state = {
         "iteration": iteration,
         "images": images.detach().to("cpu", copy=True),
         "optimizer": _to_cpu(optimizer.state_dict()),
         "generator": generator.get_state(),
         "losses": log.values(),
     }
+    if learnables is not None:
+        state["learnables"] = {
+            "tensors": _to_cpu(learnables.tensors),
+            "optimizer": _to_cpu(learnables.optimizer.state_dict()),
+        }
+    return state
 
 
 def restore_state(
@@ -339,9 +399,11 @@ def restore_state(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     iterations: int,
+    learnables: Learnables | None = None,
 ) -> tuple[int, LossLog]:
     """Load a `checkpoint_state` snapshot into the live objects; returns (start iteration, loss log)."""
-    missing = sorted({"iteration", "images", "optimizer", "generator", "losses"} - set(state))
+    keys = {"iteration", "images", "optimizer", "generator", "losses"}
+    missing = sorted((keys | ({"learnables"} if learnables else set())) - set(state))
     if missing:
         raise KeyError(f"resume: checkpoint state lacks {missing}")
     start = int(state["iteration"])
@@ -355,6 +417,11 @@ def restore_state(
         images.copy_(state["images"].to(device=images.device, dtype=images.dtype))
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"].cpu())
+    if learnables is not None:
+        with torch.no_grad():
+            for name, tensor in learnables.tensors.items():
+                tensor.copy_(state["learnables"]["tensors"][name].to(tensor.device))
+        learnables.optimizer.load_state_dict(state["learnables"]["optimizer"])
     return start, LossLog(state["losses"])
 
 
@@ -372,11 +439,14 @@ def update_progress(bar: Any, iteration: int, log: LossLog) -> None:
         bar.set_postfix(loss=f"{latest:.4f}", refresh=False)
 
 
-def finish(images: Tensor, num_classes: int, ipc: int, log: LossLog) -> DistillResult:
+def finish(
+    images: Tensor, num_classes: int, ipc: int, log: LossLog, learnables: Learnables | None = None
+) -> DistillResult:
     return DistillResult(
         images=images.detach().to("cpu", dtype=torch.float32, copy=True),
         labels=class_labels(num_classes, ipc, "cpu"),
         losses=log.values(),
+        extras={} if learnables is None else _to_cpu(learnables.tensors),
     )
 
 
@@ -388,11 +458,12 @@ def maybe_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     log: LossLog,
+    learnables: Learnables | None = None,
 ) -> None:
     """Call `on_checkpoint` after every `checkpoint_every` completed outer iterations."""
     if on_checkpoint is None or checkpoint_every <= 0 or iteration_done % checkpoint_every:
         return
-    on_checkpoint(checkpoint_state(iteration_done, images, optimizer, generator, log))
+    on_checkpoint(checkpoint_state(iteration_done, images, optimizer, generator, log, learnables))
 
 
 def check_inputs(real_images: Tensor, real_labels: Tensor, num_classes: int) -> None:

@@ -2,7 +2,8 @@
 
 `configure(params, method)` validates every param the stage reads, before any work; `run` distils
 `distill.repeats` synthetic sets (or `distill.<method>.repeats` where that is set; each its own derived
-seed), resuming from checkpoints;
+seed), resuming from checkpoints; a method that needs expert trajectories (MTT) reads them from the
+experts stage's artifact (`load_trajectories`);
 `synthetic_groups` and `loss_table` lay out `data/synthetic/<method>.h5` and the loss curve CSV.
 """
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from biasdd import artifacts
 from biasdd.config import Config, NonNegativeInt, PositiveInt, check_value, from_dict, section
-from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult
+from biasdd.distill import METHODS, DebiasTargets, DistillConfig, DistillResult, mtt
 from biasdd.distill.debias import SCORED, DebiasConfig, debias_targets
 from biasdd.errors import ArtifactError, ConfigError
 from biasdd.training.augment import DSAConfig, dsa_config
@@ -82,7 +83,33 @@ def configure(params: Mapping[str, Any], method: str) -> DistillSetup:
         shared = dataclasses.replace(shared, repeats=own_repeats)
     dsa = dsa_config(params, run.dataset) if METHODS[method].uses_dsa else None
     debias = from_dict(DebiasConfig, section(params, "debias"), "debias")
+    if not METHODS[method].draws_real and debias.mode != "none":
+        raise ConfigError(
+            f"debias.mode: {debias.mode!r} is not valid with {method}, which matches no real batches "
+            "(its targets are expert trajectories); choose 'none'"
+        )
     return DistillSetup(method, run, cfg, dsa, shared, debias)
+
+
+def load_trajectories(path: Path, setup: DistillSetup, channels: int, im_size: int) -> mtt.Trajectories:
+    """The experts stage's trajectories, checked against the network distilled with and against
+    `distill.<method>`'s start epochs (one-line errors, before any work)."""
+    attrs = artifacts.read_attrs(path, kind="experts")
+    hint = artifacts._rebuild_hint(path, "experts")
+    if not attrs.get("needs_experts"):
+        raise ArtifactError(f"{path}: holds no expert trajectories (made for another method); {hint}")
+    data = artifacts.read_h5(path, "trajectories", ("params",), kind="experts")
+    trajectories = mtt.Trajectories(
+        torch.from_numpy(data["params"]),
+        tuple(attrs["param_names"]),
+        tuple(tuple(int(d) for d in shape) for shape in attrs["param_shapes"]),
+    )
+    net = net_factory(dataclasses.replace(setup.run, device="cpu"), channels, im_size)(torch.Generator())
+    if mtt.layout(net) != (trajectories.names, trajectories.shapes):
+        raise ArtifactError(f"{path}: recorded for another network than `model` gives; {hint}")
+    assert isinstance(setup.cfg, mtt.MTTConfig)
+    mtt.check_fits(trajectories, setup.cfg, f"distill.{setup.method}")
+    return trajectories
 
 
 def debias_targets_for(
@@ -118,23 +145,32 @@ def run(
     checkpoint_dir: Path | None,
     progress: bool = True,
     bias_model_path: Path | None = None,
+    experts_path: Path | None = None,
 ) -> tuple[list[DistillResult], np.ndarray, np.ndarray]:
     """Distil `distill.repeats` synthetic sets from the biased training split, resuming from checkpoints.
 
     A checkpoint is used only when it was made by the same config on the same data (fingerprint).
+    `experts_path`: the experts stage's trajectories, for a method that needs them (MTT).
     """
+    method = METHODS[setup.method]
+    if method.needs_experts and experts_path is None:
+        raise ConfigError(f"method {setup.method!r} needs --experts (the experts stage's output)")
     setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
     mean, std = train_stats(data_path)
     train = load_split(data_path, "train", mean, std)
     device = setup.run.device
     images, labels = train.images.to(device), train.labels.to(device)
     channels, im_size = images.shape[1], images.shape[-1]
+    upstream = None
+    if method.needs_experts and experts_path is not None:  # checked before any long computation
+        upstream = load_trajectories(experts_path, setup, channels, im_size)
     targets = debias_targets_for(setup, train, labels, bias_model_path)
     identity = {**setup.provenance(), "data": artifacts.md5_file(data_path)}
     if setup.debias.uses_bias_model and bias_model_path is not None:
         identity["bias_model"] = artifacts.md5_file(bias_model_path)
+    if upstream is not None and experts_path is not None:
+        identity["experts"] = artifacts.md5_file(experts_path)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    method = METHODS[setup.method]
     results = []
     for repeat in range(setup.shared.repeats):
         generator = torch.Generator().manual_seed(
@@ -167,6 +203,7 @@ def run(
             checkpoint_every=setup.shared.checkpoint_every,
             progress=progress,
             debias=targets,
+            **({} if upstream is None else {"upstream": upstream}),
         )
         results.append(result)
     return results, mean, std
@@ -186,6 +223,8 @@ def synthetic_groups(results: list[DistillResult], mean: np.ndarray, std: np.nda
             "labels": result.labels.cpu().numpy().astype(np.int64),
             "loss": np.asarray(result.losses, dtype=np.float64),
         }
+        if result.extras:  # what the method learnt besides the images (MTT: `learned_lr`), as attributes
+            groups[f"repeat_{repeat}"]["@attrs"] = {k: float(v) for k, v in result.extras.items()}
     return groups
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from biasdd import artifacts
-from biasdd.config import Config, PositiveInt, check_value, from_dict, section
+from biasdd.config import Config, PositiveFloat, PositiveInt, check_value, from_dict, section
 from biasdd.errors import ArtifactError, ConfigError, UnknownKeyError
 from biasdd.pipeline.bias_classifier import amplification_metrics
 from biasdd.training.augment import DCAugConfig, DSAConfig, dc_aug_config, dc_augment, dsa_augment, dsa_config
@@ -32,12 +32,14 @@ from biasdd.training.compute import FP32, ComputeConfig
 from biasdd.training.data import NUM_CLASSES, TEST_SPLITS, load_split, train_stats
 from biasdd.training.runtime import RunConfig, derive_seed, net_factory, run_config, start
 from biasdd.training.trainer import Augment, NetworkEnsemble, TrainConfig, train_networks
+from biasdd.vocab import LEARNED_LR
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "aligned_accuracy", "conflicting_accuracy", "worst_group_accuracy", "n")
 AUGMENTS = ("none", "dsa", "dc")
 FULL = "full"
+LEARNED = "learned"  # a schedule's `lr: learned`: each set's own learned learning rate (MTT; §7)
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,16 @@ class EvalSetup:
     limit_train: int | None
     dsa: DSAConfig | None
     dc_aug: DCAugConfig | None
+    learned_lr: bool = False  # `lr: learned`: `train.lr` is replaced by each set's learned rate
 
     def provenance(self) -> dict[str, Any]:
+        train = dataclasses.asdict(self.train)
+        if self.learned_lr:
+            train["lr"] = LEARNED
         return {
             "name": self.name,
             **self.run.provenance(),
-            "train": dataclasses.asdict(self.train),
+            "train": train,
             "augment": self.augment,
             "repeats": self.shared.repeats,
             "limit_train": self.limit_train,
@@ -84,7 +90,7 @@ def configure(params: Mapping[str, Any], name: str) -> EvalSetup:
         ),
         batch_test=check_value("evaluate.batch_test", section(params, "evaluate", "batch_test"), PositiveInt),
     )
-    limit_train = None
+    limit_train, learned_lr = None, False
     if name == FULL:
         values = dict(section(params, "evaluate", "full"))
         for key in ("limit_train", "repeats"):
@@ -109,10 +115,80 @@ def configure(params: Mapping[str, Any], name: str) -> EvalSetup:
         augment = values.pop("augment", None)
         if augment not in AUGMENTS:
             raise ConfigError(f"{where}.augment: {augment!r} is not valid; choose one of {list(AUGMENTS)}")
+        if "lr" in schedules[name]:  # a schedule's own rate: a number, or the set's learned one
+            lr = check_value(f"{where}.lr", schedules[name]["lr"], PositiveFloat | Literal["learned"])
+            learned_lr = lr == LEARNED
+            if learned_lr:  # validated as the shared rate; `run` trains at each set's learned one
+                shared_lr = shared_train.get("lr")
+                values["lr"] = check_value("evaluate.synthetic.train.lr", shared_lr, PositiveFloat)
         train = from_dict(TrainConfig, values, where)
     dsa = dsa_config(params, run.dataset) if augment == "dsa" else None
     dc_aug = dc_aug_config(params) if augment == "dc" else None
-    return EvalSetup(name, run, train, augment, shared, limit_train, dsa, dc_aug)
+    return EvalSetup(name, run, train, augment, shared, limit_train, dsa, dc_aug, learned_lr)
+
+
+def learned_rates(setup: EvalSetup, synthetic_path: Path, sets: int) -> list[float]:
+    """Network r's learning rate under `lr: learned`: the one distillation r mod `sets` learnt
+    (`vocab.LEARNED_LR`, an attribute of its `repeat_<r>` group), as the reference evaluates MTT."""
+    where = f"evaluate.synthetic.schedule.{setup.run.dataset}.{setup.name}.lr"
+    rates = []
+    for index in range(sets):
+        attrs = artifacts.read_attrs(synthetic_path, f"repeat_{index}", kind="synthetic")
+        if LEARNED_LR not in attrs:
+            raise ConfigError(
+                f"{where}: 'learned', but {synthetic_path} holds no learned learning rate (only MTT learns "
+                "one); give a number"
+            )
+        rate = float(attrs[LEARNED_LR])
+        if not (np.isfinite(rate) and rate > 0):
+            raise ArtifactError(
+                f"{synthetic_path}: repeat_{index}'s learned learning rate is {rate}, not a positive number "
+                f"(the distillation diverged); lower distill.{setup.name}.lr_lr and rebuild it with "
+                f"`dvc repro distill@{setup.name}`"
+            )
+        rates.append(rate)
+    return [rates[r % sets] for r in range(setup.shared.repeats)]
+
+
+def train_at_rates(
+    images: Tensor,
+    labels: Tensor,
+    factory: Callable[[torch.Generator], nn.Module],
+    cfg: TrainConfig,
+    generators: list[torch.Generator],
+    rates: list[float] | None,
+    **options: Any,
+) -> NetworkEnsemble:
+    """`train_networks`, with network r at `rates[r]` (None: all at `cfg.lr`). Networks that share a
+    rate train together; each draws from its own generator, so grouping changes nothing but order."""
+    if rates is None:
+        return train_networks(images, labels, factory, cfg, generators, **options)
+    parts = []
+    for rate in dict.fromkeys(rates):  # distinct rates, in order
+        members = [r for r, value in enumerate(rates) if value == rate]
+        part = train_networks(
+            images[members] if images.dim() == 5 else images,
+            labels[members] if labels.dim() == 2 else labels,
+            factory,
+            dataclasses.replace(cfg, lr=rate),
+            [generators[r] for r in members],
+            **options,
+        )
+        parts.append((members, part))
+    order = torch.tensor([r for members, _ in parts for r in members]).argsort()  # back to network order
+
+    def joined(tensors: list[Tensor | None]) -> Tensor | None:
+        if any(t is None for t in tensors):
+            return None
+        return torch.cat(tensors)[order.to(tensors[0].device)]  # type: ignore[index, union-attr]
+
+    first = parts[0][1]
+    return NetworkEnsemble(
+        base=first.base,
+        params={k: joined([p.params[k] for _, p in parts]) for k in first.params},  # type: ignore[misc]
+        buffers={k: joined([p.buffers[k] for _, p in parts]) for k in first.buffers},  # type: ignore[misc]
+        train_loss=joined([p.train_loss for _, p in parts]),
+    )
 
 
 def make_augment(setup: EvalSetup, channel_mean: Tensor) -> Augment | None:
@@ -179,12 +255,16 @@ def run(
         for r in range(setup.shared.repeats)
     ]
     channel_mean = torch.zeros(channels)  # images are normalised: the data mean is 0 per channel
-    ensemble = train_networks(
+    rates = None
+    if setup.learned_lr and synthetic_path is not None:
+        rates = learned_rates(setup, synthetic_path, sets)
+    ensemble = train_at_rates(
         images,
         labels,
         net_factory(setup.run, channels, im_size),
         setup.train,
         generators,
+        rates,
         augment=make_augment(setup, channel_mean),
         progress=progress,
         compute=setup.run.compute,
@@ -209,6 +289,8 @@ def run(
         "device": device,
         "provenance": setup.provenance(),
     }
+    if rates is not None:
+        out["learned_lr"] = rates  # per network
     for split in TEST_SPLITS:
         out[split] = results[split]["summary"]
     if bias_classifier_path is not None:

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from biasdd.study.experiments import WORKSPACE, _file_data, _metric_path, _row_params, _timestamp, iter_rows
-from biasdd.vocab import DATASETS, FULL, LABEL_FREE_MODES, METHODS
+from biasdd.vocab import DATASETS, EXPERT_METHODS, FULL, LABEL_FREE_MODES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ def run_settings(params: Mapping[str, Any]) -> dict[str, str]:
 def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str = "none") -> dict[str, str]:
     """The part of a run's settings that one cell (a method's or the full set's, on `dataset`, distilled
     with debias.mode `mode`) depends on: dvc.yaml's params of the stages upstream of its metrics file. A
-    method's cell: not the other methods' distillation and schedules, not the full set's training; the
-    full set's: no distillation, no synthetic-set evaluation, no DSA augmentation. The debias section
-    only under a debias mode (its `mode` is the cell's position), the bias model only under a mode that
-    reads it."""
+    method's cell: not the other methods' distillation and schedules, not the full set's training, and the
+    experts only for a method that reads them (MTT); the full set's: no distillation, no synthetic-set
+    evaluation, no DSA augmentation, no experts. The debias section only under a debias mode (its `mode`
+    is the cell's position), the bias model only under a mode that reads it."""
     other_datasets = [d for d in (*DATASETS, *_schedule_datasets(settings)) if d != dataset]
     drop = [f"evaluate.synthetic.schedule.{d}" for d in other_datasets]
     if method == FULL or mode == "none":
@@ -123,11 +123,13 @@ def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str =
     if dataset != "cmnist":
         drop.append("cmnist")
     if method == "full":
-        drop += ["distill", "evaluate.synthetic", "augment"]
+        drop += ["distill", "evaluate.synthetic", "augment", "experts"]
     else:
         drop.append("evaluate.full")
         drop += [f"distill.{m}" for m in METHODS if m != method]
         drop += [f"evaluate.synthetic.schedule.{dataset}.{m}" for m in METHODS if m != method]
+        if method not in EXPERT_METHODS:
+            drop.append("experts")  # MTT's expert trajectories; no other method reads them
     return {k: v for k, v in settings.items() if not _under(k, drop)}
 
 

@@ -139,27 +139,37 @@ class Compiled:
     """`fn` through `torch.compile` when asked for (CPU only), else `fn` itself.
 
     Compiling costs seconds per input shape, so only hot shapes are compiled: a call runs eagerly
-    until its (shape, grad mode) has been seen `COMPILE_AFTER` times. A training loop's main batch
-    compiles after a few steps; a one-off shape (the last, partial batch of an epoch) stays eager
-    instead of triggering a recompilation. If compiling fails (no C++ compiler), one warning, then
-    eager for good.
+    until its (shapes, grad mode) has been seen `after` times (default `COMPILE_AFTER`). A training loop's
+    main batch compiles after a few steps; a one-off shape (the last, partial batch of an epoch) stays
+    eager instead of triggering a recompilation. `after=1` compiles every shape from its first call, so
+    that a run resumed from a checkpoint computes exactly what an uninterrupted one does (eager and
+    compiled code differ in round-off). `options`: inductor settings for this function only. If
+    compiling fails (no C++ compiler), one warning, then eager for good.
     """
 
     COMPILE_AFTER = 4
 
-    def __init__(self, fn: Callable[..., Any], enabled: bool) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        enabled: bool,
+        after: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.fn = fn
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=False) if enabled else None
+        compiled = torch.compile(fn, dynamic=False, options=options) if enabled else None
+        self.compiled: Callable[..., Any] | None = compiled
         self.seen: dict[tuple, int] = {}
+        self.after = self.COMPILE_AFTER if after is None else after  # 1: compiled from the first call
 
-    def __call__(self, x: Tensor) -> Any:
+    def __call__(self, *args: Tensor) -> Any:
         if self.compiled is not None:
-            key = (tuple(x.shape), x.dtype, torch.is_grad_enabled())
+            key = (*((tuple(a.shape), a.dtype) for a in args), torch.is_grad_enabled())
             count = self.seen.get(key, 0) + 1
             self.seen[key] = count
-            if count >= self.COMPILE_AFTER:
+            if count >= self.after:
                 try:
-                    return self.compiled(x)
+                    return self.compiled(*args)
                 except _COMPILE_ERRORS as error:  # a backend failure surfaces at the first call
                     if not _is_compile_failure(error):
                         raise
@@ -167,7 +177,7 @@ class Compiled:
                         "torch.compile failed (%s); running eagerly", str(error).splitlines()[0][:200]
                     )
                     self.compiled = None
-        return self.fn(x)
+        return self.fn(*args)
 
 
 def _is_compile_failure(error: BaseException) -> bool:
@@ -190,16 +200,23 @@ class NetworkRunner:
     (for `embed_chunks`) cache-sized chunks on the CPU.
 
     `net` keeps its parameters; the compiled functions read them at every call, so in-place
-    re-initialisation (fresh networks) and optimiser steps need no recompilation.
+    re-initialisation (fresh networks) and optimiser steps need no recompilation. `compile_after`: see
+    `Compiled`.
     """
 
-    def __init__(self, net: nn.Module, compute: ComputeConfig, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        compute: ComputeConfig,
+        device: torch.device | str,
+        compile_after: int | None = None,
+    ) -> None:
         self.net = net
         self.compute = compute
         self.device = torch.device(device)
         enabled = compute.compiles_on(self.device)
-        self._forward = Compiled(net, enabled)
-        self._embed = Compiled(net.embed, enabled) if hasattr(net, "embed") else None
+        self._forward = Compiled(net, enabled, compile_after)
+        self._embed = Compiled(net.embed, enabled, compile_after) if hasattr(net, "embed") else None
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else 0
 
     def forward(self, x: Tensor) -> Tensor:

@@ -72,9 +72,12 @@ class PatchGradConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
+        # False: always the native convolution. MTT sets it: inside `torch.func.grad` under
+        # torch.compile its synthetic images read `requires_grad` False, yet need their gradient.
+        self.patch_grad = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.requires_grad:
+        if not self.patch_grad or x.device.type != "cpu" or x.requires_grad:
             return super().forward(x)
         return _PatchGrad.apply(x, self.weight, self.bias, self.padding[0])
 

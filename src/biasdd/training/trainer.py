@@ -246,8 +246,6 @@ def _train_one_by_one(
     """The CPU path: one plain module, re-initialised from each generator and trained in turn."""
     device = images.device
     per_network = images.dim() == 5
-    num_samples = images.shape[-4]
-    bounds = _batch_bounds(num_samples, cfg.batch_size)
     milestones = set(cfg.lr_milestones)
     work: nn.Module | None = None
     runner: NetworkRunner | None = None
@@ -264,30 +262,49 @@ def _train_one_by_one(
         data = images[r] if per_network else images
         targets = labels[r] if per_network else labels
         optimizer = _sgd(work.parameters(), cfg, 0)
-        epoch_loss = torch.zeros((), device=device)
+        epoch_loss = torch.zeros((), device=device)  # the mean batch loss of the last epoch
         bar = _progress(cfg, progress, f"train eval net {r + 1}/{len(generators)}")
         for epoch in bar:
             if epoch in milestones:
                 optimizer = _sgd(work.parameters(), cfg, epoch)  # new lr, momentum reset (the reference)
-            order = torch.randperm(num_samples, generator=generator, device=generator.device).to(device)
-            epoch_loss.zero_()
-            for start, end in bounds:
-                index = order[start:end]
-                batch = data[index]
-                if augment is not None:
-                    with torch.no_grad():
-                        batch = augment(batch, generator)
-                loss = F.cross_entropy(runner.forward(batch), targets[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                epoch_loss += loss.detach()
+            epoch_loss = train_epoch(runner, optimizer, data, targets, cfg.batch_size, generator, augment)
             if not bar.disable and (epoch % log_every == 0 or epoch == cfg.epochs - 1):
-                bar.set_postfix(loss=f"{float(epoch_loss) / len(bounds):.4f}")  # one sync
+                bar.set_postfix(loss=f"{float(epoch_loss):.4f}")  # one sync
         bar.close()
-        losses.append(epoch_loss / len(bounds))
+        losses.append(epoch_loss)
         trained.append(copy.deepcopy(work))
     return _ensemble(trained, torch.stack(losses))
+
+
+def train_epoch(
+    runner: NetworkRunner,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Augment | None = None,
+) -> Tensor:
+    """One epoch of `runner.net` on (images, labels) (N, ...) on their device: a random order from
+    `generator`, then ceil(N / batch_size) steps of mean cross-entropy, the last batch partial (the
+    reference's shuffled DataLoader, drop_last=False), each batch augmented (`augment(batch, generator)`,
+    without a graph). Returns the mean of the batches' losses, a 0-d tensor on the device (no sync)."""
+    num_samples = images.shape[0]
+    bounds = _batch_bounds(num_samples, batch_size)
+    order = torch.randperm(num_samples, generator=generator, device=generator.device).to(images.device)
+    epoch_loss = torch.zeros((), device=images.device)
+    for start, end in bounds:
+        index = order[start:end]
+        batch = images[index]
+        if augment is not None:
+            with torch.no_grad():
+                batch = augment(batch, generator)
+        loss = F.cross_entropy(runner.forward(batch), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        epoch_loss += loss.detach()
+    return epoch_loss / len(bounds)
 
 
 def _sgd(params, cfg: TrainConfig, epoch: int) -> torch.optim.SGD:
