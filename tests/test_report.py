@@ -417,9 +417,12 @@ def test_a_null_param_and_an_absent_one_are_the_same_settings(tmp_path):
 
 
 def test_params_that_change_no_number_make_no_variant(tmp_path):
-    """Which methods ran, the device, checkpoints, compile: one table (a DM-only run on a GPU included)."""
+    """Which methods ran, the device, checkpoints, compile, whether the download may fetch (regression: a
+    run from before `download.fetch` existed had tables of its own): one table (a DM-only run on a GPU
+    included)."""
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
     gpu = {**_with(checkpoint_every=50), "device": "cuda", "methods": ["dm"], "compute": {"compile": False}}
+    gpu["download"] = {"fetch": False}
     run = _row(
         "b" * 40, "dm-on-gpu", "2026-01-02T10:00:00", _all(0.2, names=["dm", "full"]), gpu, bias_ratio=1.0
     )

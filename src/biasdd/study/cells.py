@@ -73,6 +73,7 @@ NEUTRAL = (
     "methods",
     "download.mirror",
     "download.cache_dir",
+    "download.fetch",  # whether the stage may fetch; the bytes are MD5-checked either way
     "distill.checkpoint_every",
     "evaluate.batch_test",
     "compute.compile",
