@@ -230,7 +230,8 @@ def test_debiased_experiments_fill_the_debias_table_not_table1(tmp_path):
     assert lines[fairdd].endswith("holds: by 4.00 points |")
     # at rho 0.1 the modes that ran are compared (inferred_fairdd 91.00 against none 92.00 - 1) and those
     # that did not are named; at rho 1.0 nothing debiased ran
-    at_01 = "DM at rho 0.1: no mode more than 1 point below none (not run: groups, fairdd, inferred, inferred_groups)"
+    at_01 = "DM at rho 0.1: no mode more than 1 point below none"
+        " (not run: groups, fairdd, inferred, inferred_groups)"
     assert lines[at_01].endswith("| holds: by 0.00 points, less than the spread (1.00) |")
     at_1 = "DM at rho 1.0 (no bias-conflicting sample): every mode runs"
     assert lines[at_1].endswith("| not measured (a cell is missing) |")
@@ -900,3 +901,20 @@ def test_grid_methods_choose_table1_s_methods():
         grid.grid_cells(methods=["xyz"])
     with pytest.raises(ValueError, match="--set 'methods=\\[dm\\]': the grid sets"):
         grid.grid_cells(extra=["methods=[dm]"])
+
+
+def test_figure2_title_is_wrapped_to_the_figure_width(tmp_path, monkeypatch):
+    """Regression: Figure 2's one-line title (method, dataset, budget note) ran off both sides of it."""
+    from biasdd import figures
+
+    titles = []
+    monkeypatch.setattr(figures.plt.Figure, "suptitle", lambda self, text, **kw: titles.append(text))
+    images, labels = np.random.rand(20, 3, 8, 8).astype("float32"), np.repeat(np.arange(10), 2)
+    panel = (images, labels, np.zeros(3), np.ones(3))
+    long = "DM synthetic images, CMNIST-DD severity 4, rho 0 (anti-biased) and 1 (fully biased); " + "x " * 40
+    figures.synthetic_by_ratio({"rho = 0": panel, "rho = 1": panel}, 2, tmp_path / "f.png", long)
+    (title,) = titles
+    width_chars = int(
+        2 * 3 * 0.55 * 13
+    )  # two panels of 2 + 1 columns, 0.55 inch each, ~13 characters an inch
+    assert "\n" in title and max(len(line) for line in title.splitlines()) <= max(40, width_chars)

@@ -10,6 +10,7 @@ Everything renders offline (Agg backend, no web fonts or CDNs).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ def synthetic_by_ratio(
             if panel:
                 axes[c, first - 1].axis("off")  # the gap between panels
         axes[0, first + per_class // 2].set_title(name, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    width = fig.get_size_inches()[0]
+    fig.suptitle(textwrap.fill(title, max(40, int(width * 13))), fontsize=9)  # ~13 characters an inch at 9 pt
     fig.tight_layout()
     _save(fig, path)
 
