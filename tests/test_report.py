@@ -230,8 +230,10 @@ def test_debiased_experiments_fill_the_debias_table_not_table1(tmp_path):
     assert lines[fairdd].endswith("holds: by 4.00 points |")
     # at rho 0.1 the modes that ran are compared (inferred_fairdd 91.00 against none 92.00 - 1) and those
     # that did not are named; at rho 1.0 nothing debiased ran
-    at_01 = "DM at rho 0.1: no mode more than 1 point below none"
+    at_01 = (
+        "DM at rho 0.1: no mode more than 1 point below none"
         " (not run: groups, fairdd, inferred, inferred_groups)"
+    )
     assert lines[at_01].endswith("| holds: by 0.00 points, less than the spread (1.00) |")
     at_1 = "DM at rho 1.0 (no bias-conflicting sample): every mode runs"
     assert lines[at_1].endswith("| not measured (a cell is missing) |")
