@@ -4,7 +4,6 @@ validation (one-line errors before any work)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from biasdd.pipeline import experts
 from biasdd.training.runtime import derive_seed, net_factory
 
 from .tiny import REPO, tiny_params
+from .tiny import run_stage as _stage
 
 TINY_EXPERTS = {"num_experts": 2, "epochs": 3, "lr_teacher": 0.01, "momentum": 0.5, "weight_decay": 5e-4,
                 "batch_size": 64}  # fmt: skip
@@ -33,16 +33,6 @@ def _params(tmp_path: Path, edit=None) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
-
-
-def _stage(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        env={**os.environ, "BIASDD_WORKERS": "1"},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from biasdd.pipeline import experts as experts_stage
 from biasdd.vocab import STUDY_METHODS
 
 from .tiny import REPO, make_repo, run, tiny_params
+from .tiny import run_stage as _stage
 
 
 def _params(tmp_path: Path, edit=None) -> Path:
@@ -35,16 +36,6 @@ def _params(tmp_path: Path, edit=None) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
-
-
-def _stage(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        env={**os.environ, "BIASDD_WORKERS": "1"},
-    )
 
 
 @pytest.fixture(scope="module")

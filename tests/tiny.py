@@ -135,3 +135,14 @@ def make_repo(
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "tiny config")
     return repo
+
+
+def run_stage(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`stages/<name>.py` with `args` in a subprocess, one torch worker, output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        env={**os.environ, "BIASDD_WORKERS": "1"},
+    )
