@@ -1,4 +1,4 @@
-"""The networks: ConvNet's first convolution computes its own weight gradient on the CPU."""
+"""The networks: ConvNet's first convolution computes its own weight gradient on the CPU; MaskReLU is ReLU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from biasdd.training.nets import ConvNet, PatchGradConv2d, _PatchGrad, build_network
+from biasdd.training.nets import ConvNet, MaskReLU, PatchGradConv2d, _PatchGrad, build_network, with_mask_relu
 
 
 def _pair(padding: int = 3, dtype: torch.dtype = torch.float64) -> tuple[nn.Conv2d, PatchGradConv2d]:
@@ -95,3 +95,27 @@ def test_convnet_first_block_uses_it_and_state_dicts_stay_conv2d() -> None:
     g_plain = torch.autograd.grad(F.cross_entropy(plain(x), y), list(plain.parameters()))
     for a, b in zip(g_net, g_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mask_relu_equals_relu_with_its_first_and_second_derivatives() -> None:
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64).repeat(3, 1).requires_grad_(True)
+    v = torch.randn(3, 5, dtype=torch.float64)
+    outs = []
+    for relu in (nn.ReLU(), MaskReLU()):
+        y = relu(x)
+        (g,) = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * y).sum(), x)  # a second derivative through the first
+        outs.append((y.detach(), g.detach(), h))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)  # -0.0 == 0.0: the values, not the signs of zero
+
+
+def test_with_mask_relu_is_a_copy_with_the_same_parameters_and_outputs() -> None:
+    net = build_network("convnet3", 3, 10, 32, 8, generator=torch.Generator().manual_seed(0)).double()
+    masked = with_mask_relu(net)
+    assert not any(isinstance(m, nn.ReLU) for m in masked.modules())
+    assert sum(isinstance(m, MaskReLU) for m in masked.modules()) == 3
+    assert any(isinstance(m, nn.ReLU) for m in net.modules())  # the original is untouched
+    assert [n for n, _ in masked.named_parameters()] == [n for n, _ in net.named_parameters()]
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(masked(x), net(x))

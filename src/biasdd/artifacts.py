@@ -264,6 +264,20 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def to_cpu(value: Any) -> Any:
+    """A copy of `value` (tensors, nested in dicts, lists and tuples) with every tensor detached on the
+    CPU: a training state's form in a checkpoint (`save_checkpoint`)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """torch.save a training state atomically (a kill mid-save keeps the previous checkpoint).
 

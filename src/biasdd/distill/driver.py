@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from biasdd import artifacts
 from biasdd.config import Config, Fraction, PositiveFloat, PositiveInt
 from biasdd.distill.sampling import ClassSampler, DebiasTargets, RealSampling, Sampler, real_sampling
 from biasdd.training.augment import DSAConfig, dsa_augment
@@ -337,16 +338,6 @@ class FreshNetworks:
 # --- checkpoint state, losses, progress -------------------------------------------------------------
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, Mapping):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
-
-
 class LossLog:
     """One loss per outer iteration, kept on the device and converted only when asked."""
 
@@ -381,14 +372,14 @@ def checkpoint_state(
     state = {
         "iteration": iteration,
         "images": images.detach().to("cpu", copy=True),
-        "optimizer": _to_cpu(optimizer.state_dict()),
+        "optimizer": artifacts.to_cpu(optimizer.state_dict()),
         "generator": generator.get_state(),
         "losses": log.values(),
     }
     if learnables is not None:
         state["learnables"] = {
-            "tensors": _to_cpu(learnables.tensors),
-            "optimizer": _to_cpu(learnables.optimizer.state_dict()),
+            "tensors": artifacts.to_cpu(learnables.tensors),
+            "optimizer": artifacts.to_cpu(learnables.optimizer.state_dict()),
         }
     return state
 
@@ -446,7 +437,7 @@ def finish(
         images=images.detach().to("cpu", dtype=torch.float32, copy=True),
         labels=class_labels(num_classes, ipc, "cpu"),
         losses=log.values(),
-        extras={} if learnables is None else _to_cpu(learnables.tensors),
+        extras={} if learnables is None else artifacts.to_cpu(learnables.tensors),
     )
 
 

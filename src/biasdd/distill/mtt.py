@@ -39,7 +39,7 @@ from biasdd.distill.driver import Batch, Context, DistillConfig, Learnables
 from biasdd.errors import ConfigError
 from biasdd.training.augment import dsa_augment
 from biasdd.training.compute import Compiled, NetworkRunner, full_precision
-from biasdd.training.nets import PatchGradConv2d
+from biasdd.training.nets import PatchGradConv2d, with_mask_relu
 from biasdd.vocab import LEARNED_LR  # the name of the learned step size in the result and the artifact
 
 MOMENTUM_LR = 0.5  # reference distill.py: SGD([syn_lr], lr=lr_lr, momentum=0.5)
@@ -178,7 +178,9 @@ class TrajectoryMatching:
 
     def _student(self, runner: NetworkRunner) -> Compiled:
         """The student's SGD step theta -> theta - lr * grad CE(theta), compiled on the CPU."""
-        net, compute, device = runner.net, runner.compute, runner.device
+        # a copy whose ReLUs keep their mask in the compute dtype: inductor's CPU code handles bool masks
+        # one byte at a time (see MaskReLU); the values are the network's
+        net, compute, device = with_mask_relu(runner.net), runner.compute, runner.device
         names, shapes = layout(net)
         if (names, shapes) != (self.trajectories.names, self.trajectories.shapes):
             raise ValueError(

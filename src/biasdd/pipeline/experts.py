@@ -184,7 +184,7 @@ def run(
                     "expert": expert,
                     "epoch": epoch + 1,
                     "net": {k: v.detach().cpu() for k, v in work.state_dict().items()},
-                    "optimizer": _to_cpu(optimizer.state_dict()),
+                    "optimizer": artifacts.to_cpu(optimizer.state_dict()),
                     "generator": generator.get_state(),
                     "params": snapshots,
                     "losses": losses,
@@ -201,16 +201,6 @@ def run(
         out.params.append(trajectory)
         out.losses.append(epoch_losses)
     return out
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, Mapping):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
 
 
 def _load(path: Path, fingerprint: str) -> dict[str, Any] | None:

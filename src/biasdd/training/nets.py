@@ -5,10 +5,13 @@ instance norm, ReLU, average pooling).
 
 On the CPU the first convolution computes its weight gradient itself (`PatchGradConv2d`): oneDNN's
 weight gradient for 3 input channels was the slowest op of a training step (docs/protocol.md §10).
+`with_mask_relu` gives a copy whose ReLUs keep their mask in the compute dtype, for graphs that
+differentiate through a training step (MTT's student).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -80,6 +83,31 @@ class PatchGradConv2d(nn.Conv2d):
         if not self.patch_grad or x.device.type != "cpu" or x.requires_grad:
             return super().forward(x)
         return _PatchGrad.apply(x, self.weight, self.bias, self.padding[0])
+
+
+class MaskReLU(nn.Module):
+    """ReLU written as x * (x > 0): the same values (a negative input gives -0.0 for 0.0, equal in every
+    sum and product), the same first and second derivatives, and a mask in the input's dtype.
+
+    Why: differentiating through a compiled training step (MTT's unrolled student) makes inductor store
+    ReLU's mask as a bool tensor, and its CPU code stores and loads bool tensors one byte at a time (a
+    scalar loop: ~80% of the step's largest fused kernels under `perf`). Multiplied by a mask in the
+    compute dtype, every kernel stays vectorized: the compiled MTT student step (10 steps on 100 images,
+    width 32, bf16) went from 1.05 to 0.56 s forward and backward on a 2-core CPU (benchmarks/RESULTS.md).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * (x > 0).to(x.dtype)
+
+
+def with_mask_relu(net: nn.Module) -> nn.Module:
+    """A copy of `net` with every `nn.ReLU` a `MaskReLU`: the same parameters, names and state dict."""
+    net = copy.deepcopy(net)
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, MaskReLU())
+    return net
 
 
 class ConvNet(nn.Module):
