@@ -10,7 +10,7 @@ ConvNet, so the difference is the structure and the compute settings alone.
 
     python benchmarks/speed_vs_reference.py                      # quick settings, all three, ~10 min
     python benchmarks/speed_vs_reference.py --methods dm --levers  # DM: each lever measured on its own
-    python benchmarks/speed_vs_reference.py --methods mtt --reference-dir /tmp/mtt-ref   # MTT, ~10 min
+    python benchmarks/speed_vs_reference.py --methods mtt --reference-dir /tmp/mtt-ref   # MTT, ~3 min
 
 MTT is timed against the reference's OWN code (Cazenavette et al., github.com/GeorgeCazenavette/
 mtt-distillation), which this repository does not contain: extract it first, e.g.
