@@ -230,6 +230,19 @@ def reference_block(ref: Reference, n: int) -> list[float]:
     return out
 
 
+def print_rows(what: str, baseline: str, times: dict[str, list[float]]) -> None:
+    """One table row per biasdd setting: the medians of `times` ("reference" and one list a setting)."""
+    reference = statistics.median(times["reference"])
+    for name, values in times.items():
+        if name != "reference":
+            median = statistics.median(values)
+            print(
+                f"| {what} | {baseline} | {reference:.3f} s | biasdd {name} | {median:.3f} s | "
+                f"{reference / median:.2f}x |",
+                flush=True,
+            )
+
+
 def compare(method: str, args: argparse.Namespace, real: torch.Tensor, labels: torch.Tensor) -> None:
     n = args.dm_iterations if method == "dm" else args.gm_iterations
     settings = {"bf16+compile": ComputeConfig("bf16", True), "fp32 eager": ComputeConfig("fp32", False)}
@@ -240,14 +253,7 @@ def compare(method: str, args: argparse.Namespace, real: torch.Tensor, labels: t
         times["reference"] += reference_block(ref, n)
         for name, setting in settings.items():
             times[name] += biasdd_block(method, real, labels, args, setting, n)
-    ref_median = statistics.median(times["reference"])
-    for name in settings:
-        median = statistics.median(times[name])
-        print(
-            f"| {method} | per-class reference (fp32 eager) | {ref_median:.3f} s | biasdd {name} | "
-            f"{median:.3f} s | {ref_median / median:.2f}x |",
-            flush=True,
-        )
+    print_rows(method, "per-class reference (fp32 eager)", times)
 
 
 def levers(args: argparse.Namespace, real: torch.Tensor, labels: torch.Tensor) -> None:
@@ -464,18 +470,8 @@ def compare_mtt(args: argparse.Namespace) -> None:
         epochs["reference"].append(time.perf_counter() - start)
         for name, setting in settings.items():
             epochs[name] += biasdd_expert_epochs(args, images, labels, setting, 1)
-    for what, times in (
-        ("MTT, s / iteration", iterations),
-        (f"expert, s / epoch of {args.expert_images}", epochs),
-    ):
-        reference = statistics.median(times["reference"])
-        for name in settings:
-            median = statistics.median(times[name])
-            print(
-                f"| {what} | reference's own code (fp32 eager) | {reference:.3f} s | biasdd {name} | "
-                f"{median:.3f} s | {reference / median:.2f}x |",
-                flush=True,
-            )
+    print_rows("MTT, s / iteration", "reference's own code (fp32 eager)", iterations)
+    print_rows(f"expert, s / epoch of {args.expert_images}", "reference's own code (fp32 eager)", epochs)
 
 
 def main() -> None:
