@@ -469,17 +469,39 @@ def test_fairdd_runs_through_the_driver(method, biased_set):
         assert last < first - 0.05 * abs(first), (first, last)
 
 
-@pytest.mark.parametrize("mode", ["groups", "fairdd", "inferred_groups", "inferred_fairdd"])
-def test_a_set_without_conflicting_groups_runs_the_plain_method_and_says_so(mode, caplog):
-    """rho = 1 (or no confident pseudo-group): every grouped mode is the plain method, with one warning."""
+@pytest.mark.parametrize(
+    ("mode", "repulsion"),
+    [("groups", 0.0), ("groups", 0.5), ("fairdd", 0.0), ("inferred_groups", 0.5), ("inferred_fairdd", 0.0),
+     ("inferred", 0.0), ("inferred", 0.5)],
+)  # fmt: skip
+def test_a_set_without_conflicting_groups_runs_the_plain_method_and_says_so(mode, repulsion, caplog):
+    """rho = 1, or a bias model that keeps no pseudo-group (it found no bias, as on unbiased data): every
+    mode is the plain method, repulsion off, with one warning. `inferred` too, though its scores are not
+    uniform: upweighting what a model without a bias gets wrong upweights the hard samples only (its
+    rho 0.1 cell fell 4 points below `none` before this rule)."""
     images, labels, _ = planted([12, 0, 0])
     aligned = labels.clone()  # every sample's (pseudo-)attribute is its class
-    cfg = debias.DebiasConfig(**{**DEBIAS, "mode": mode})
+    scores = torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))  # hard samples exist
+    cfg = debias.DebiasConfig(**{**DEBIAS, "mode": mode, "repulsion": repulsion})
     with caplog.at_level("WARNING", logger="biasdd.distill.debias"):
-        targets = debias.debias_targets(cfg, labels, K, attributes=aligned, pseudo_attributes=aligned)
+        targets = debias.debias_targets(
+            cfg, labels, K, attributes=aligned, scores=scores, pseudo_attributes=aligned
+        )
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "plain method" in caplog.text
-    assert targets is not None and targets.groups is None
+    assert targets is not None and targets.groups is None and targets.repulsion == 0
     assert torch.equal(run("dm", images, labels).images, run("dm", images, labels, targets).images)
+
+
+def test_inferred_weights_by_score_where_the_bias_model_keeps_a_group():
+    """The other side of the rule above: one kept pseudo-group and `inferred` weighs by the scores."""
+    _, labels, _ = planted([12, 0, 0])
+    pseudo = labels.clone()
+    pseudo[0] = (labels[0] + 1) % K  # one sample predicted, confidently, as another class
+    scores = torch.rand(labels.shape, generator=torch.Generator().manual_seed(0))
+    cfg = debias.DebiasConfig(**{**DEBIAS, "mode": "inferred"})
+    targets = debias.debias_targets(cfg, labels, K, scores=scores, pseudo_attributes=pseudo)
+    expected = debias.score_weights(scores, cfg.score_floor, cfg.score_power)
+    assert targets is not None and targets.weights is not None and torch.equal(targets.weights, expected)
 
 
 def test_a_mode_without_its_inputs_fails_at_once():

@@ -17,7 +17,7 @@ proportional to w; `distill.sampling.WeightedClassSampler`); synchronized matchi
 group-balanced batch and splits it by group (`dm.synchronized_embedding_loss`,
 `dc.synchronized_matching_loss`). A pseudo-attribute is the bias model's confident prediction
 (`biasdd.pipeline.bias_model.pseudo_attributes`): where it finds no confident bias group, every sample
-keeps its class as pseudo-attribute and the inferred modes run the plain method.
+keeps its class as pseudo-attribute and every inferred mode, `inferred` too, runs the plain method.
 
 `A_b`, the bias-aligned target of the repulsion (lambda = `repulsion` > 0; the reweighting modes only),
 comes from a second real batch drawn from the aligned weights and enters through a bounded term (DM: a
@@ -132,45 +132,51 @@ def debias_targets(
 
     `groups`/`fairdd` need `attributes` (N,); `inferred` needs `scores` (N,) (1 - p_b(y|x): high = hard
     for the biased model = likely bias-conflicting); `inferred_groups`/`inferred_fairdd` need
-    `pseudo_attributes` (N,). Weights and groups live on `labels`' device. A training set without any
-    bias-conflicting group (rho = 1, or no confident pseudo-group) runs the plain method, with one warning.
+    `pseudo_attributes` (N,), and so does `inferred` where it is given. Weights and groups live on
+    `labels`' device. A training set without any bias-conflicting group (rho = 1, or no confident
+    pseudo-group: the bias model found no bias) runs the plain method, with one warning; so does
+    `inferred` then, since upweighting the samples a model without a bias gets wrong only upweights the
+    hard ones (docs/protocol.md §9).
     """
     if cfg.mode == "none":
         return None
     device = labels.device
-    groups: Tensor | None = None
     if cfg.mode in LABELLED or cfg.mode in PSEUDO:
         source = attributes if cfg.mode in LABELLED else pseudo_attributes
-        what = (
-            "the attribute labels of the training set"
-            if cfg.mode in LABELLED
-            else ("the bias model's pseudo-attributes (the bias_model stage)")
-        )
         if source is None:
+            what = (
+                "the attribute labels of the training set"
+                if cfg.mode in LABELLED
+                else "the bias model's pseudo-attributes (the bias_model stage)"
+            )
             raise ValueError(f"debias.mode {cfg.mode!r} needs {what}")
         groups = source.to(device).long()
         weights = group_weights(labels, groups, num_classes)
-        aligned = aligned_from_attributes(labels, groups)
         if conflicting_groups(labels, groups, num_classes) == 0:
-            groups = None  # one group per class: synchronized matching is the plain loss
-            logger.warning(
-                "debias.mode %s: %s hold no bias-conflicting group (every sample has its class's own "
-                "attribute); the mode runs the plain method",
-                cfg.mode,
-                "the attribute labels" if cfg.mode in LABELLED else "the bias model's pseudo-attributes",
-            )
+            # one group per class: the group weights are uniform and synchronized matching is the plain loss
+            which = "the attribute labels" if cfg.mode in LABELLED else "the bias model's pseudo-attributes"
+            why = f"{which} hold no bias-conflicting group (every sample has its class's own attribute)"
+            return _plain(cfg.mode, why, weights)
+        aligned = aligned_from_attributes(labels, groups)
     else:
         if scores is None:
             raise ValueError("debias.mode 'inferred' needs the biased model's scores (the bias_model stage)")
         _check_labels(labels, num_classes, scores, "scores")
+        groups = None
+        if pseudo_attributes is not None:
+            _check_labels(labels, num_classes, pseudo_attributes, "pseudo_attributes")
+            if conflicting_groups(labels, pseudo_attributes.to(device), num_classes) == 0:
+                why = "the bias model keeps no bias-conflicting pseudo-group (it found no confident bias)"
+                return _plain(cfg.mode, why, torch.ones(labels.shape, dtype=torch.float64, device=device))
         scores = scores.to(device)
         weights = score_weights(scores, cfg.score_floor, cfg.score_power)
         aligned = score_weights(1.0 - scores.double(), cfg.score_floor, cfg.score_power)
         if weights_uniform_per_class(weights, labels, num_classes):
-            logger.warning(
-                "debias.mode inferred: the bias model's scores are below debias.score_floor for every "
-                "sample (it fits them all: no bias-conflicting sample found); the mode runs the plain method"
+            why = (
+                "the bias model's scores are below debias.score_floor for every sample (it fits them all: "
+                "no bias-conflicting sample found)"
             )
+            return _plain(cfg.mode, why, weights)
     return DebiasTargets(
         weights=weights,
         aligned_weights=aligned if cfg.repulsion > 0 else None,
@@ -178,6 +184,13 @@ def debias_targets(
         max_shift=cfg.max_shift,
         groups=groups if cfg.mode in SYNCHRONIZED else None,  # None: one group per class
     )
+
+
+def _plain(mode: str, why: str, weights: Tensor) -> DebiasTargets:
+    """Targets that run the plain method (weights uniform within every class, one group per class, no
+    repulsion), after one warning line saying why."""
+    logger.warning("debias.mode %s: %s; the mode runs the plain method", mode, why)
+    return DebiasTargets(weights=weights)
 
 
 __all__ = [

@@ -117,19 +117,21 @@ def debias_targets_for(
 ) -> DebiasTargets | None:
     """The methods' `debias=` argument: None for `none`; the attribute labels for `groups` and `fairdd`;
     the bias model's scores (`train/scores`) for `inferred` and its pseudo-attributes
-    (`train/pseudo_attributes`) for `inferred_groups` and `inferred_fairdd` (the bias_model stage)."""
+    (`train/pseudo_attributes`) for all three inferred modes (the bias_model stage)."""
     mode, inferred = setup.debias.mode, {}
     if setup.debias.uses_bias_model:
         if bias_model_path is None:
             raise ConfigError(f"debias.mode {mode!r} needs --bias-model (the bias_model stage's output)")
-        key = "scores" if mode in SCORED else "pseudo_attributes"
-        values = torch.from_numpy(artifacts.read_h5(bias_model_path, "train", (key,), kind="bias_model")[key])
-        if values.shape != labels.shape:
-            raise ArtifactError(
-                f"{bias_model_path}: {values.shape[0]} {key} for {labels.shape[0]} training images "
-                "(made from another biased.h5?); rebuild it with `dvc repro bias_model`"
-            )
-        inferred = {key if key == "scores" else "pseudo_attributes": values}
+        # `inferred` reads the pseudo-attributes too: where they hold no bias group, it runs the plain method
+        keys = ("scores", "pseudo_attributes") if mode in SCORED else ("pseudo_attributes",)
+        read = artifacts.read_h5(bias_model_path, "train", keys, kind="bias_model")
+        for key in keys:
+            inferred[key] = torch.from_numpy(read[key])
+            if inferred[key].shape != labels.shape:
+                raise ArtifactError(
+                    f"{bias_model_path}: {inferred[key].shape[0]} {key} for {labels.shape[0]} training "
+                    "images (made from another biased.h5?); rebuild it with `dvc repro bias_model`"
+                )
     return debias_targets(
         setup.debias, labels, NUM_CLASSES, attributes=train.attributes.to(labels.device), **inferred
     )
