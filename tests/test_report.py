@@ -411,6 +411,22 @@ def test_a_method_param_changes_only_that_methods_cells(tmp_path):
     assert variant["DC"]["CMNIST-DD rho=0.95"] == ""  # the reference's DC is not this variant's
 
 
+def test_a_budget_only_experiments_ran_takes_the_repositorys_settings_as_reference(tmp_path):
+    """Regression: for a budget no baseline ran (hour), the newest experiment's settings were the
+    reference, so a newer run that changed one setting made the runs of the repository's own settings
+    the variant (`hour~distill.dc.lr_img=30.0`)."""
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), _with())
+    own = _row("b" * 40, "own", "2026-01-02T10:00:00", _all(0.6), _with(), budget="hour")
+    newer = _row(
+        "c" * 40, "newer", "2026-01-03T10:00:00", _all(0.7), _with(**{"dc.lr_img": 10.0}), budget="hour"
+    )
+    written = report.write_report(_exp_show(own, newer, baseline=base), tmp_path)
+    assert sorted(written) == ["hour", "hour~distill.dc.lr_img=10.0", "quick"]
+    assert _csv(tmp_path / "hour/table1_test_conflicting.csv")["DC"]["CMNIST-DD rho=0.95"] == "60.00 +- 1.00"
+    variant = _csv(tmp_path / "hour~distill.dc.lr_img=10.0/table1_test_conflicting.csv")
+    assert variant["DC"]["CMNIST-DD rho=0.95"] == "70.00 +- 1.00"
+
+
 def test_a_null_param_and_an_absent_one_are_the_same_settings(tmp_path):
     """Regression: a key added to conf/ as null (the default: `distill.dm.repeats`) made every run of an
     older commit, which lacks the key, a variant (`quick~distill.dm.repeats=unset`) of the same settings."""

@@ -299,21 +299,31 @@ def _plain(value: str) -> str:
 def reference_settings(exp_show: Sequence[Mapping[str, Any]], rows: RowCells) -> dict[str, Variant]:
     """Each budget's reference settings: those of the first baseline row of that budget (the workspace,
     then HEAD, then, with --all-commits, older commits), so the repository's own settings; for a budget
-    that only experiments ran, the newest experiment's."""
+    that only experiments ran, those of the experiment closest to the repository's own (the fewest
+    settings that differ from the first baseline row's, the budget's own aside), the newest of equals: a
+    newer run that changed a setting at that budget is a variant of it, not its reference."""
     refs: dict[str, Variant] = {}
     for row in exp_show:
         budget = _row_params(row).get("budget")
         if budget is not None and str(budget) not in refs:
             settings = tuple(sorted(run_settings(_row_params(row)).items()))
             refs[str(budget)] = Variant(str(budget), settings, found_in=str(row.get("rev", "?"))[:9])
-    newest: dict[str, tuple[datetime, Mapping[str, Any]]] = {}
+    own = dict(next(iter(refs.values())).settings) if refs else {}
+
+    def distance(row: Mapping[str, Any]) -> int:
+        settings = run_settings(_row_params(row))
+        return sum(settings.get(k, UNSET) != own.get(k, UNSET) for k in settings.keys() | own.keys())
+
+    best: dict[str, tuple[int, datetime, Mapping[str, Any]]] = {}
     for row, _ in rows:
         budget, stamp = _row_params(row).get("budget"), _timestamp((row.get("data") or {}).get("timestamp"))
         if budget is None or str(budget) in refs or stamp is None:
             continue
-        if str(budget) not in newest or stamp > newest[str(budget)][0]:
-            newest[str(budget)] = (stamp, row)
-    for budget, (_, row) in newest.items():
+        far = distance(row)
+        kept = best.get(str(budget))
+        if kept is None or (far, -stamp.timestamp()) < (kept[0], -kept[1].timestamp()):
+            best[str(budget)] = (far, stamp, row)
+    for budget, (_, _, row) in best.items():
         settings = tuple(sorted(run_settings(_row_params(row)).items()))
         refs[budget] = Variant(budget, settings, found_in=str(row.get("name") or row.get("rev", "?")))
     return refs
