@@ -1,0 +1,83 @@
+"""MTT's student step alone, with nn.ReLU against MaskReLU: seconds for `syn_steps` compiled steps
+theta -> theta - lr * grad CE(theta) on the synthetic set (forward) and for the backward through them to
+the images and the step size, as `biasdd.distill.mtt` computes them (quick settings: ConvNet-3 width 32,
+100 images of 3x32x32, 10 steps, bf16 autocast, torch.compile with inductor's channels-last layout).
+
+    python benchmarks/mtt_student_step.py            # ~1 min on a 2-core CPU
+
+Why MaskReLU (docs/protocol.md §6): inductor stores ReLU's mask as a bool tensor, which its CPU code
+handles one byte at a time. Prints one row per ReLU: the median over `--rounds` after one warm-up round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from biasdd.distill.mtt import layout, unflatten
+from biasdd.training.compute import full_precision, tune_cpu_allocator
+from biasdd.training.nets import PatchGradConv2d, build_network, with_mask_relu
+
+
+def times(net: torch.nn.Module, args: argparse.Namespace) -> tuple[float, float]:
+    """Median seconds of the forward (all steps) and of the backward, over `args.rounds` rounds."""
+    for module in net.modules():
+        if isinstance(module, PatchGradConv2d):
+            module.patch_grad = False  # as MTT: the images need their gradient
+    names, shapes = layout(net)
+    bf16 = args.precision == "bf16"
+
+    def cross_entropy(theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = functional_call(net, unflatten(theta, names, shapes), (images,))
+        return F.cross_entropy(full_precision(logits), labels)
+
+    def step(
+        theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor
+    ) -> torch.Tensor:
+        return theta - lr * torch.func.grad(cross_entropy)(theta, images, labels)
+
+    compiled = torch.compile(step, dynamic=False, options={"layout_optimization": bf16})
+    generator = torch.Generator().manual_seed(0)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    images = torch.randn(10 * args.ipc, 3, 32, 32, generator=generator).requires_grad_(True)
+    labels = torch.arange(10).repeat_interleave(args.ipc)
+    lr = torch.tensor(0.01, requires_grad=True)
+    forward, backward = [], []
+    for _ in range(args.rounds + 1):  # the first round compiles
+        start = time.perf_counter()
+        theta = theta0.clone().requires_grad_(True)
+        for _ in range(args.syn_steps):
+            theta = compiled(theta, images, labels, lr)
+        middle = time.perf_counter()
+        ((theta - theta0) ** 2).sum().backward()
+        forward.append(middle - start)
+        backward.append(time.perf_counter() - middle)
+    return statistics.median(forward[1:]), statistics.median(backward[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--syn-steps", type=int, default=10)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    tune_cpu_allocator()
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| ReLU | forward, s | backward, s | total, s |\n|---|---|---|---|")
+    for name in ("nn.ReLU", "MaskReLU"):
+        net = build_network("convnet3", 3, 10, 32, args.width, generator=torch.Generator().manual_seed(0))
+        forward, backward = times(with_mask_relu(net) if name == "MaskReLU" else net, args)
+        print(f"| {name} | {forward:.3f} | {backward:.3f} | {forward + backward:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
