@@ -1,6 +1,6 @@
 """MTT's student step alone, with nn.ReLU against MaskReLU: seconds for `syn_steps` compiled steps
 theta -> theta - lr * grad CE(theta) on the synthetic set (forward) and for the backward through them to
-the images and the step size, as `biasdd.distill.mtt` computes them (quick settings: ConvNet-3 width 32,
+the images and the step size, with `biasdd.distill.mtt.student_step` (quick settings: ConvNet-3 width 32,
 100 images of 3x32x32, 10 steps, bf16 autocast, torch.compile with inductor's channels-last layout).
 
     python benchmarks/mtt_student_step.py            # ~1 min on a 2-core CPU
@@ -17,33 +17,16 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from biasdd.distill.mtt import layout, unflatten
-from biasdd.training.compute import full_precision, tune_cpu_allocator
-from biasdd.training.nets import PatchGradConv2d, build_network, with_mask_relu
+from biasdd.distill.mtt import student_step
+from biasdd.training.compute import ComputeConfig, tune_cpu_allocator
+from biasdd.training.nets import build_network
 
 
-def times(net: torch.nn.Module, args: argparse.Namespace) -> tuple[float, float]:
+def times(net: torch.nn.Module, mask_relu: bool, args: argparse.Namespace) -> tuple[float, float]:
     """Median seconds of the forward (all steps) and of the backward, over `args.rounds` rounds."""
-    for module in net.modules():
-        if isinstance(module, PatchGradConv2d):
-            module.patch_grad = False  # as MTT: the images need their gradient
-    names, shapes = layout(net)
-    bf16 = args.precision == "bf16"
-
-    def cross_entropy(theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = functional_call(net, unflatten(theta, names, shapes), (images,))
-        return F.cross_entropy(full_precision(logits), labels)
-
-    def step(
-        theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor
-    ) -> torch.Tensor:
-        return theta - lr * torch.func.grad(cross_entropy)(theta, images, labels)
-
-    compiled = torch.compile(step, dynamic=False, options={"layout_optimization": bf16})
+    compute = ComputeConfig(precision=args.precision, compile=True)
+    compiled = student_step(net, compute, "cpu", mask_relu=mask_relu)
     generator = torch.Generator().manual_seed(0)
     theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     images = torch.randn(10 * args.ipc, 3, 32, 32, generator=generator).requires_grad_(True)
@@ -75,7 +58,7 @@ def main() -> None:
     print("| ReLU | forward, s | backward, s | total, s |\n|---|---|---|---|")
     for name in ("nn.ReLU", "MaskReLU"):
         net = build_network("convnet3", 3, 10, 32, args.width, generator=torch.Generator().manual_seed(0))
-        forward, backward = times(with_mask_relu(net) if name == "MaskReLU" else net, args)
+        forward, backward = times(net, name == "MaskReLU", args)
         print(f"| {name} | {forward:.3f} | {backward:.3f} | {forward + backward:.3f} |", flush=True)
 
 

@@ -386,6 +386,26 @@ def test_mtt_draws_no_real_batches(planted, monkeypatch):
     assert len(draws) == 1 + TINY["dm"]["iterations"]  # DM: the init's and one per iteration
 
 
+def test_mtt_student_step_is_the_same_with_either_relu_and_leaves_the_network_as_it_is():
+    """`mtt.student_step` with MaskReLU (what MTT runs) equals it with nn.ReLU (what the benchmark compares
+    against), value and image gradient in float64; the network handed in keeps its nn.ReLUs."""
+    net = build_network("convnet3", CHANNELS, NUM_CLASSES, SIZE, width=WIDTH).double()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2 * NUM_CLASSES, CHANNELS, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    labels = torch.arange(NUM_CLASSES).repeat(2)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    outputs = []
+    for mask_relu in (True, False):
+        pixels = images.clone().requires_grad_(True)
+        theta = mtt.student_step(net, FP32, "cpu", mask_relu=mask_relu)(theta0, pixels, labels, lr)
+        (grad,) = torch.autograd.grad(theta.square().sum(), pixels)
+        outputs.append((theta.detach(), grad))
+    assert not torch.equal(outputs[0][0], theta0)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    assert sum(isinstance(m, torch.nn.ReLU) for m in net.modules()) == 3
+
+
 def test_mtt_learns_its_step_size_and_rejects_what_it_cannot_do(planted):
     images, labels = planted
     result = run("mtt", planted, iterations=10, lr_lr=1e-4)

@@ -24,6 +24,7 @@ step, so it grows linearly with `syn_steps` x `batch_syn` (docs/protocol.md §6,
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from biasdd.config import PositiveFloat, PositiveInt
 from biasdd.distill.driver import Batch, Context, DistillConfig, Learnables
 from biasdd.errors import ConfigError
 from biasdd.training.augment import dsa_augment
-from biasdd.training.compute import Compiled, NetworkRunner, full_precision
+from biasdd.training.compute import Compiled, ComputeConfig, NetworkRunner, full_precision
 from biasdd.training.nets import PatchGradConv2d, with_mask_relu
 from biasdd.vocab import LEARNED_LR  # the name of the learned step size in the result and the artifact
 
@@ -177,31 +178,42 @@ class TrajectoryMatching:
         """Never called: one step per outer iteration."""
 
     def _student(self, runner: NetworkRunner) -> Compiled:
-        """The student's SGD step theta -> theta - lr * grad CE(theta), compiled on the CPU."""
-        # a copy whose ReLUs keep their mask in the compute dtype: inductor's CPU code handles bool masks
-        # one byte at a time (see MaskReLU); the values are the network's
-        net, compute, device = with_mask_relu(runner.net), runner.compute, runner.device
-        names, shapes = layout(net)
+        """The student's step on `runner`'s network, after checking the experts were recorded for it."""
+        names, shapes = layout(runner.net)
         if (names, shapes) != (self.trajectories.names, self.trajectories.shapes):
             raise ValueError(
                 "upstream: the expert trajectories were recorded for another network "
                 f"({len(self.trajectories.names)} tensors) than the one distilled with ({len(names)})"
             )
-        for module in net.modules():
-            if isinstance(module, PatchGradConv2d):
-                module.patch_grad = False  # the images need their gradient (see PatchGradConv2d)
+        return student_step(runner.net, runner.compute, runner.device)
 
-        def cross_entropy(theta: Tensor, images: Tensor, labels: Tensor) -> Tensor:
-            with compute.autocast(device):
-                logits = functional_call(net, unflatten(theta, names, shapes), (images,))
-            return F.cross_entropy(full_precision(logits), labels)
 
-        def step(theta: Tensor, images: Tensor, labels: Tensor, lr: Tensor) -> Tensor:
-            return theta - lr * torch.func.grad(cross_entropy)(theta, images, labels)
+def student_step(
+    net: nn.Module, compute: ComputeConfig, device: torch.device | str, mask_relu: bool = True
+) -> Compiled:
+    """The student's SGD step theta -> theta - lr * grad CE(theta) on `net`'s flat parameters (`layout`
+    order), compiled on the CPU; `net` itself is left as it is.
 
-        # Compiled from the first call, so a resumed run computes what an uninterrupted one does.
-        # Inductor's channels-last layout: in bf16 it keeps oneDNN's convolutions (and their double
-        # backward) fast; in fp32 the same layout sent the double backward to a slow convolution path
-        # (measured on a 2-core CPU at width 32: 28 s per iteration against 3.3 s without it).
-        options = {"layout_optimization": compute.precision == "bf16"}
-        return Compiled(step, compute.compiles_on(device), after=1, options=options)
+    `mask_relu`: run on a copy whose ReLUs keep their mask in the compute dtype (the values are the
+    network's): inductor's CPU code handles bool masks one byte at a time (see MaskReLU). False only to
+    measure that (benchmarks/mtt_student_step.py)."""
+    net = with_mask_relu(net) if mask_relu else copy.deepcopy(net)
+    names, shapes = layout(net)
+    for module in net.modules():
+        if isinstance(module, PatchGradConv2d):
+            module.patch_grad = False  # the images need their gradient (see PatchGradConv2d)
+
+    def cross_entropy(theta: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+        with compute.autocast(device):
+            logits = functional_call(net, unflatten(theta, names, shapes), (images,))
+        return F.cross_entropy(full_precision(logits), labels)
+
+    def step(theta: Tensor, images: Tensor, labels: Tensor, lr: Tensor) -> Tensor:
+        return theta - lr * torch.func.grad(cross_entropy)(theta, images, labels)
+
+    # Compiled from the first call, so a resumed run computes what an uninterrupted one does.
+    # Inductor's channels-last layout: in bf16 it keeps oneDNN's convolutions (and their double
+    # backward) fast; in fp32 the same layout sent the double backward to a slow convolution path
+    # (measured on a 2-core CPU at width 32: 28 s per iteration against 3.3 s without it).
+    options = {"layout_optimization": compute.precision == "bf16"}
+    return Compiled(step, compute.compiles_on(device), after=1, options=options)

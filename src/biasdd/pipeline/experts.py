@@ -183,7 +183,7 @@ def run(
                     "fingerprint": fingerprint,
                     "expert": expert,
                     "epoch": epoch + 1,
-                    "net": {k: v.detach().cpu() for k, v in work.state_dict().items()},
+                    "net": artifacts.to_cpu(work.state_dict()),
                     "optimizer": artifacts.to_cpu(optimizer.state_dict()),
                     "generator": generator.get_state(),
                     "params": snapshots,
