@@ -2,11 +2,15 @@
 
     python benchmarks/bias_model_probe.py --ratios 0.95 0.8 0.5 0.1 0 --out /tmp/probe
     # ~30 s per ratio on 2 CPU cores at the quick budget's bias model: builds each biased set from MNIST
+    python benchmarks/bias_model_probe.py --ratios 0.95 0.1 0 --out /tmp/probe --set steps=200
+    # another bias model (any key of the bias_model params section)
 
 For each bias ratio: builds CMNIST-DD (params.yaml's settings, that ratio) with the pipeline's own
 stages, trains the bias model as the bias_model stage does, and prints the mean confidence of its
 (label, predicted class) groups, how many groups a threshold keeps, and the inference measures of
-`biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds.
+`biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds, and which
+class the model predicts for the bias-conflicting samples of each attribute (rows: the true attribute;
+a biased model that learnt every attribute has them on the diagonal).
 """
 
 from __future__ import annotations
@@ -38,12 +42,17 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.95, 0.8, 0.5, 0.1, 0.0])
     parser.add_argument("--out", type=Path, required=True, help="a scratch folder for the biased sets")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.7, 0.8, 0.9])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a bias_model param for this probe, e.g. steps=200 (repeatable)")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / "base.h5"
     for ratio in args.ratios:
         params = load_params(REPO / "params.yaml")
         params["bias_ratio"] = ratio
+        for assignment in args.set:
+            key, _, value = assignment.partition("=")
+            params["bias_model"][key] = yaml.safe_load(value)
         folder = args.out / f"rho{ratio:g}"
         folder.mkdir(exist_ok=True)
         (folder / "params.yaml").write_text(yaml.safe_dump(params))
@@ -92,6 +101,13 @@ def main() -> None:
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in found.items()
                 )
                 print(f"  {name} >= {threshold:g}: {shown}")
+        conflicting = train.attributes != train.labels
+        if conflicting.any():
+            cells = train.attributes[conflicting].long() * NUM_CLASSES + predicted[conflicting]
+            confusion = torch.bincount(cells, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
+            print("  bias-conflicting samples, true attribute (row) -> predicted class (column):")
+            for attribute, row in enumerate(confusion.tolist()):
+                print(f"    {attribute}: {' '.join(f'{count:4d}' for count in row)}")
 
 
 if __name__ == "__main__":
