@@ -19,6 +19,7 @@ import time
 import torch
 
 from biasdd.distill.mtt import student_step
+from biasdd.pipeline.experts import flat_parameters
 from biasdd.training.compute import ComputeConfig, tune_cpu_allocator
 from biasdd.training.nets import build_network
 
@@ -28,7 +29,7 @@ def times(net: torch.nn.Module, mask_relu: bool, args: argparse.Namespace) -> tu
     compute = ComputeConfig(precision=args.precision, compile=True)
     compiled = student_step(net, compute, "cpu", mask_relu=mask_relu)
     generator = torch.Generator().manual_seed(0)
-    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    theta0 = flat_parameters(net)
     images = torch.randn(10 * args.ipc, 3, 32, 32, generator=generator).requires_grad_(True)
     labels = torch.arange(10).repeat_interleave(args.ipc)
     lr = torch.tensor(0.01, requires_grad=True)
