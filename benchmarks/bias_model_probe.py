@@ -8,7 +8,8 @@
 For each bias ratio: builds CMNIST-DD (params.yaml's settings, that ratio) with the pipeline's own
 stages, trains the bias model as the bias_model stage does, and prints the mean confidence of its
 (label, predicted class) groups, how many groups a threshold keeps, and the inference measures of
-`biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds, and which
+`biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds and for the
+clustered rule (`bias_model.grouping: clustered`: one threshold on all the mistakes), and which
 class the model predicts for the bias-conflicting samples of each attribute (rows: the true attribute;
 a biased model that learnt every attribute has them on the diagonal).
 """
@@ -89,18 +90,30 @@ def main() -> None:
         quantiles = torch.quantile(confidence[other].float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
         print(f"rho {ratio:g}: {int(other.sum())} (label, predicted) groups other than the class's own; mean "
               f"confidence 10/50/90%: {', '.join(f'{q:.3f}' for q in quantiles)}")  # fmt: skip
+        wrong = predicted != train.labels
+        if wrong.any():
+            print(f"  mean confidence over all {int(wrong.sum())} mistakes: {float(top[wrong].mean()):.3f}")
         scores = bias_model.bias_scores(probs, train.labels)
+
+        min_group = setup.model.min_group
         for threshold in args.thresholds:
-            per_group = bias_model.pseudo_attributes(probs, train.labels, threshold, setup.model.min_group)
-            per_sample = torch.where(
-                (predicted != train.labels) & (top >= threshold), predicted, train.labels
-            )
-            for name, pseudo in (("per group", per_group), ("per sample", per_sample)):
+            rules = {
+                f"per group >= {threshold:g}": bias_model.pseudo_attributes(
+                    probs, train.labels, threshold, min_group
+                ),
+                f"per sample >= {threshold:g}": torch.where(
+                    wrong & (top >= threshold), predicted, train.labels
+                ),
+                f"clustered, mistakes >= {threshold:g}": bias_model.clustered_pseudo_attributes(
+                    probs, train.labels, threshold, min_group
+                ),
+            }
+            for name, pseudo in rules.items():
                 found = bias_model.inference_metrics(scores, pseudo, train.labels, train.attributes)
                 shown = ", ".join(
                     f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in found.items()
                 )
-                print(f"  {name} >= {threshold:g}: {shown}")
+                print(f"  {name}: {shown}")
         conflicting = train.attributes != train.labels
         if conflicting.any():
             cells = train.attributes[conflicting].long() * NUM_CLASSES + predicted[conflicting]
