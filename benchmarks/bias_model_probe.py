@@ -38,6 +38,37 @@ def stage(name: str, *args: str) -> None:
     subprocess.run([sys.executable, str(REPO / "stages" / f"{name}.py"), *args], check=True, env=env)
 
 
+def clustered_diagnostics(probs: torch.Tensor, labels: torch.Tensor, attributes: torch.Tensor,
+                          pseudo: torch.Tensor) -> None:  # fmt: skip
+    """How far the log-probabilities tell the attributes apart: the share of bias-conflicting samples
+    nearest their own true (class, attribute) group's centre; and, per class, the bias-conflicting samples
+    the clustered rule leaves in the class's own group, against its bias-aligned ones, by distance from
+    that group's centre (AUC; how many are among the 2n farthest, n of them)."""
+    points = probs.clamp_min(1e-6).log()
+    right = total = 0
+    for c in range(NUM_CLASSES):
+        of_class = labels == c
+        present = [a for a in range(NUM_CLASSES) if bool((of_class & (attributes == a)).any())]
+        centres = torch.stack([points[of_class & (attributes == a)].mean(0) for a in present])
+        mask = of_class & (attributes != c)
+        nearest = torch.tensor(present)[torch.cdist(points[mask], centres).argmin(1)]
+        right += int((nearest == attributes[mask]).sum())
+        total += int(mask.sum())
+    print(f"  log-probabilities: {right / max(total, 1):.3f} of the bias-conflicting samples nearest "
+          f"their own group's centre")  # fmt: skip
+    for c in range(NUM_CLASSES):
+        own = (labels == c) & (pseudo == c)
+        hidden = attributes[own] != c
+        n = int(hidden.sum())
+        if n == 0 or n == int(own.sum()):
+            continue
+        distance = (points[own] - points[own].mean(0)).norm(dim=1)
+        farthest = hidden[distance.argsort(descending=True)[: 2 * n]]
+        auc = bias_model.auc(distance[hidden], distance[~hidden])
+        print(f"  class {c}: {n} bias-conflicting samples left in its own group; AUC {auc:.3f} by distance "
+              f"from its centre, {int(farthest.sum())} of its {2 * n} farthest")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.95, 0.8, 0.5, 0.1, 0.0])
@@ -116,6 +147,10 @@ def main() -> None:
                 print(f"  {name}: {shown}")
         conflicting = train.attributes != train.labels
         if conflicting.any():
+            clustered = bias_model.clustered_pseudo_attributes(
+                probs, train.labels, args.thresholds[0], min_group
+            )
+            clustered_diagnostics(probs, train.labels, train.attributes, clustered)
             cells = train.attributes[conflicting].long() * NUM_CLASSES + predicted[conflicting]
             confusion = torch.bincount(cells, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
             print("  bias-conflicting samples, true attribute (row) -> predicted class (column):")

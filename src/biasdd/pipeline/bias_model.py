@@ -186,7 +186,7 @@ def assign_pseudo_attributes(probs: Tensor, labels: Tensor, cfg: BiasModelConfig
     return rule(probs, labels, cfg.confidence, cfg.min_group)
 
 
-def _auc(positive: Tensor, negative: Tensor) -> float | None:
+def auc(positive: Tensor, negative: Tensor) -> float | None:
     """P(a positive scores above a negative), ties counting half (Mann-Whitney U over average ranks);
     None when a side is empty."""
     if positive.numel() == 0 or negative.numel() == 0:
@@ -224,7 +224,7 @@ def inference_metrics(
         "attribute_accuracy": share(flagged & (pseudo == attributes), flagged),
         "groups_found": groups(pseudo),
         "groups_true": groups(attributes),
-        "score_auc": _auc(scores[conflicting], scores[~conflicting]),
+        "score_auc": auc(scores[conflicting], scores[~conflicting]),
     }
 
 
