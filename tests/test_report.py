@@ -440,6 +440,16 @@ def test_a_null_param_and_an_absent_one_are_the_same_settings(tmp_path):
     assert sorted(written) == ["quick", "quick~distill.dm.repeats=3"]  # a value that is set still counts
 
 
+def test_a_param_added_with_the_old_behaviour_is_set_in_older_runs():
+    """Regression: `bias_model.grouping` (per_group: the code before the key existed) made every label-free
+    cell of an older commit a variant, `quick~bias_model.grouping=unset`."""
+    older, own = _with(), {**_with(), "bias_model": {"grouping": "per_group"}}
+    assert cellmod.run_settings(older) == cellmod.run_settings(own)
+    assert cellmod.run_settings({**_with(), "bias_model": {"grouping": "clustered"}}) != cellmod.run_settings(
+        older
+    )
+
+
 def test_params_that_change_no_number_make_no_variant(tmp_path):
     """Which methods ran, the device, checkpoints, compile, whether the download may fetch (regression: a
     run from before `download.fetch` existed had tables of its own): one table (a DM-only run on a GPU

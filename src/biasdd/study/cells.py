@@ -81,6 +81,9 @@ NEUTRAL = (
     "bias_classifier",
 )
 UNSET = "unset"  # a param one run has and another lacks (older commits)
+# params added after runs were made, each with the value that reproduces the code before it: a run of an
+# older commit, which lacks the key, ran with that value, and is not a variant of its own
+ADDED_WITH_OLD_BEHAVIOUR = {"bias_model.grouping": "per_group"}
 QUOTE = '"'
 
 
@@ -102,8 +105,10 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
 
 
 def run_settings(params: Mapping[str, Any]) -> dict[str, str]:
-    """A run's params, flattened to dotted keys, less its grid point and the NEUTRAL ones."""
-    return {k: v for k, v in _flatten(params).items() if not _under(k, (*AXES, *NEUTRAL))}
+    """A run's params, flattened to dotted keys (with ADDED_WITH_OLD_BEHAVIOUR's values where it lacks
+    them), less its grid point and the NEUTRAL ones."""
+    flat = {**{k: json.dumps(v) for k, v in ADDED_WITH_OLD_BEHAVIOUR.items()}, **_flatten(params)}
+    return {k: v for k, v in flat.items() if not _under(k, (*AXES, *NEUTRAL))}
 
 
 def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str = "none") -> dict[str, str]:
