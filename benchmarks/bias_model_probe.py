@@ -9,9 +9,10 @@ For each bias ratio: builds CMNIST-DD (params.yaml's settings, that ratio) with 
 stages, trains the bias model as the bias_model stage does, and prints the mean confidence of its
 (label, predicted class) groups, how many groups a threshold keeps, and the inference measures of
 `biasdd.pipeline.bias_model.inference_metrics` for per-sample and per-group thresholds and for the
-clustered rule (`bias_model.grouping: clustered`: one threshold on all the mistakes), and which
-class the model predicts for the bias-conflicting samples of each attribute (rows: the true attribute;
-a biased model that learnt every attribute has them on the diagonal).
+clustered rule (`bias_model.grouping: clustered`: one threshold on all the mistakes), how far the
+model's log-probabilities tell the attributes apart (`clustered_diagnostics`, at the first threshold),
+and which class the model predicts for the bias-conflicting samples of each attribute (rows: the true
+attribute; a biased model that learnt every attribute has them on the diagonal).
 """
 
 from __future__ import annotations
@@ -125,7 +126,6 @@ def main() -> None:
         if wrong.any():
             print(f"  mean confidence over all {int(wrong.sum())} mistakes: {float(top[wrong].mean()):.3f}")
         scores = bias_model.bias_scores(probs, train.labels)
-
         min_group = setup.model.min_group
         for threshold in args.thresholds:
             rules = {
