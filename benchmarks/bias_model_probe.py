@@ -127,7 +127,11 @@ def main() -> None:
             print(f"  mean confidence over all {int(wrong.sum())} mistakes: {float(top[wrong].mean()):.3f}")
         scores = bias_model.bias_scores(probs, train.labels)
         min_group = setup.model.min_group
+        clustered = {}  # threshold -> the clustered rule's pseudo-attributes
         for threshold in args.thresholds:
+            clustered[threshold] = bias_model.clustered_pseudo_attributes(
+                probs, train.labels, threshold, min_group
+            )
             rules = {
                 f"per group >= {threshold:g}": bias_model.pseudo_attributes(
                     probs, train.labels, threshold, min_group
@@ -135,9 +139,7 @@ def main() -> None:
                 f"per sample >= {threshold:g}": torch.where(
                     wrong & (top >= threshold), predicted, train.labels
                 ),
-                f"clustered, mistakes >= {threshold:g}": bias_model.clustered_pseudo_attributes(
-                    probs, train.labels, threshold, min_group
-                ),
+                f"clustered, mistakes >= {threshold:g}": clustered[threshold],
             }
             for name, pseudo in rules.items():
                 found = bias_model.inference_metrics(scores, pseudo, train.labels, train.attributes)
@@ -147,10 +149,7 @@ def main() -> None:
                 print(f"  {name}: {shown}")
         conflicting = train.attributes != train.labels
         if conflicting.any():
-            clustered = bias_model.clustered_pseudo_attributes(
-                probs, train.labels, args.thresholds[0], min_group
-            )
-            clustered_diagnostics(probs, train.labels, train.attributes, clustered)
+            clustered_diagnostics(probs, train.labels, train.attributes, clustered[args.thresholds[0]])
             cells = train.attributes[conflicting].long() * NUM_CLASSES + predicted[conflicting]
             confusion = torch.bincount(cells, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
             print("  bias-conflicting samples, true attribute (row) -> predicted class (column):")
