@@ -473,6 +473,27 @@ def test_fairdd_runs_through_the_driver(method, biased_set):
         assert last < first - 0.05 * abs(first), (first, last)
 
 
+@pytest.mark.parametrize("method", ["dc", "dm"])
+def test_synchronized_learning_rate_steps_the_synchronized_modes_only(method, biased_set):
+    """`lr_img_synchronized` is the image learning rate where synchronized matching runs, and nothing
+    elsewhere: the plain method and `groups` stay byte-identical with it set."""
+    images, labels, attributes = biased_set
+    lr = TINY[method]["lr_img"] / 10
+
+    def targets(mode):
+        cfg = debias.DebiasConfig(**{**DEBIAS, "mode": mode})
+        return debias.debias_targets(cfg, labels, K, attributes=attributes)
+
+    fairdd = run(method, images, labels, targets("fairdd"), lr_img_synchronized=lr).images
+    assert torch.equal(fairdd, run(method, images, labels, targets("fairdd"), lr_img=lr).images)
+    assert not torch.equal(fairdd, run(method, images, labels, targets("fairdd")).images)
+    for plain in (None, targets("groups")):
+        assert torch.equal(
+            run(method, images, labels, plain, lr_img_synchronized=lr).images,
+            run(method, images, labels, plain).images,
+        )
+
+
 @pytest.mark.parametrize(
     ("mode", "repulsion"),
     [("groups", 0.0), ("groups", 0.5), ("fairdd", 0.0), ("inferred_groups", 0.5), ("inferred_fairdd", 0.0),

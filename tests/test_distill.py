@@ -36,6 +36,7 @@ TINY = {
         batch_real=8,
         batch_train=4,
         init="noise",
+        lr_img_synchronized=None,
     ),
     "dsa": dict(
         ipc=2,
@@ -48,8 +49,11 @@ TINY = {
         batch_real=8,
         batch_train=4,
         init="real",
+        lr_img_synchronized=None,
     ),
-    "dm": dict(ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real"),
+    "dm": dict(
+        ipc=2, iterations=3, lr_img=1.0, momentum_img=0.5, batch_real=8, init="real", lr_img_synchronized=None
+    ),
     "mtt": dict(
         ipc=2,
         iterations=3,
@@ -57,6 +61,7 @@ TINY = {
         momentum_img=0.5,
         batch_real=8,  # unused by MTT
         init="real",
+        lr_img_synchronized=None,  # optional, unused by MTT
         syn_steps=3,
         expert_epochs=1,
         max_start_epoch=2,

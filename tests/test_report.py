@@ -450,6 +450,21 @@ def test_a_param_added_with_the_old_behaviour_is_set_in_older_runs():
     )
 
 
+def test_the_synchronized_learning_rate_splits_only_synchronized_cells():
+    """`distill.<method>.lr_img_synchronized` is read under fairdd and inferred_fairdd only: a DC run of an
+    older commit, which lacks the key, is the same settings for its other modes' cells, not for those."""
+    older = cellmod.run_settings(_with())
+    own = cellmod.run_settings(_with(**{"dc.lr_img_synchronized": 3.0}))
+    for mode in vocab.DEBIAS_MODES:
+        same = cellmod.cell_settings(older, "dc", "cmnist", mode) == cellmod.cell_settings(
+            own, "dc", "cmnist", mode
+        )
+        assert same == (mode not in vocab.SYNCHRONIZED_MODES), mode
+        assert cellmod.cell_settings(older, "dm", "cmnist", mode) == cellmod.cell_settings(
+            own, "dm", "cmnist", mode
+        )
+
+
 def test_params_that_change_no_number_make_no_variant(tmp_path):
     """Which methods ran, the device, checkpoints, compile, whether the download may fetch (regression: a
     run from before `download.fetch` existed had tables of its own): one table (a DM-only run on a GPU
@@ -509,7 +524,9 @@ def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
 
     settings = cellmod.run_settings(PARAMS)
     assert not any(cellmod._under(k, cellmod.NEUTRAL) for k in settings)
-    debias_keys = ("debias", "bias_model")  # fed to every distillation, read under their modes only
+    # fed to every distillation, read under their modes only
+    debias_keys = ("debias", "bias_model", *(f"distill.{m}.{cellmod.SYNCHRONIZED_LR}" for m in vocab.METHODS))
+    assert "distill.dc.lr_img_synchronized" in settings  # set by the quick budget, so the test sees it
     for stage, name in [("evaluate_full", "full"), *((f"evaluate@{m}", m) for m in vocab.METHODS)]:
         fed = {k for k in settings if cellmod._under(k, upstream_params(stage))}
         plain = {k for k in fed if not cellmod._under(k, debias_keys)}
@@ -519,6 +536,8 @@ def test_cell_settings_are_what_dvc_yaml_feeds_the_cell():
                 expected = fed - {"debias.mode"}
                 if mode not in vocab.LABEL_FREE_MODES:
                     expected = {k for k in expected if not cellmod._under(k, ("bias_model",))}
+                if mode not in vocab.SYNCHRONIZED_MODES:
+                    expected = {k for k in expected if not k.endswith(f".{cellmod.SYNCHRONIZED_LR}")}
                 assert set(cellmod.relevant(settings, name, PARAMS["dataset"], mode)) == expected, (
                     stage,
                     mode,

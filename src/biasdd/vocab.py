@@ -44,6 +44,7 @@ STUDY_METHODS = ("dc", "dsa", "dm")  # the study's methods, whose findings (§8)
 # bias model; `none` is the study's plain methods
 DEBIAS_MODES = ("none", "groups", "fairdd", "inferred", "inferred_groups", "inferred_fairdd")
 LABEL_FREE_MODES = ("inferred", "inferred_groups", "inferred_fairdd")
+SYNCHRONIZED_MODES = ("fairdd", "inferred_fairdd")  # FairDD's synchronized matching over the groups
 DEBIAS_TITLES = {
     "none": "none",
     "groups": "groups (labels)",

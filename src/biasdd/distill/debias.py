@@ -38,7 +38,7 @@ from torch import Tensor
 from biasdd.config import Config, NonNegativeFloat, PositiveFloat, Range
 from biasdd.distill.sampling import DebiasTargets, weights_uniform_per_class
 from biasdd.errors import ConfigError
-from biasdd.vocab import DEBIAS_MODES
+from biasdd.vocab import DEBIAS_MODES, SYNCHRONIZED_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MODES = DEBIAS_MODES
 LABELLED = ("groups", "fairdd")  # need the attribute labels
 SCORED = ("inferred",)  # need the bias model's scores
 PSEUDO = ("inferred_groups", "inferred_fairdd")  # need the bias model's pseudo-attributes
-SYNCHRONIZED = ("fairdd", "inferred_fairdd")  # FairDD's synchronized matching over the groups
+SYNCHRONIZED = SYNCHRONIZED_MODES  # FairDD's synchronized matching over the groups
 REPELLING = ("groups", "inferred", "inferred_groups")  # the modes a repulsion can join
 
 

@@ -52,6 +52,10 @@ class DistillConfig(Config):
     momentum_img: Fraction  # image SGD momentum
     batch_real: PositiveInt  # real images per class per image step
     init: Literal["noise", "real"]  # synthetic init: N(0, 1) noise, or random real images of the class
+    # the image learning rate under synchronized matching (debias fairdd, inferred_fairdd, where groups
+    # are kept), whose loss sums one distance per group; None: lr_img, as FairDD's reference. Optional: a
+    # method that takes no debias (MTT) need not name it
+    lr_img_synchronized: PositiveFloat | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -183,7 +187,9 @@ def distill(
     real_groups = class_labels(num_classes, batch_real, device)
     # siamese: the class is the group id, shared by its real, aligned and synthetic images
     groups = torch.cat([real_groups] * (1 if sampling.aligned is None else 2) + [syn_labels])
-    optimizer = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    synchronized = sampling.groups is not None and cfg.lr_img_synchronized is not None
+    lr_img = cfg.lr_img_synchronized if synchronized else cfg.lr_img
+    optimizer = torch.optim.SGD([syn], lr=lr_img, momentum=cfg.momentum_img)
     networks = FreshNetworks(net_factory, generator)
     runner = NetworkRunner(networks.net, compute, device)
     context = Context(num_classes, ipc, syn_labels, sampling, own_dsa, generator, device, upstream)

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from biasdd.study.experiments import WORKSPACE, _file_data, _metric_path, _row_params, _timestamp, iter_rows
-from biasdd.vocab import DATASETS, EXPERT_METHODS, FULL, LABEL_FREE_MODES, METHODS
+from biasdd.vocab import DATASETS, EXPERT_METHODS, FULL, LABEL_FREE_MODES, METHODS, SYNCHRONIZED_MODES
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ UNSET = "unset"  # a param one run has and another lacks (older commits)
 # params added after runs were made, each with the value that reproduces the code before it: a run of an
 # older commit, which lacks the key, ran with that value, and is not a variant of its own
 ADDED_WITH_OLD_BEHAVIOUR = {"bias_model.grouping": "per_group"}
+SYNCHRONIZED_LR = "lr_img_synchronized"  # distill.<method>'s key read under SYNCHRONIZED_MODES only
 QUOTE = '"'
 
 
@@ -117,7 +118,8 @@ def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str =
     method's cell: not the other methods' distillation and schedules, not the full set's training, and the
     experts only for a method that reads them (MTT); the full set's: no distillation, no synthetic-set
     evaluation, no DSA augmentation, no experts. The debias section only under a debias mode (its `mode`
-    is the cell's position), the bias model only under a mode that reads it."""
+    is the cell's position), the bias model only under a mode that reads it, a method's
+    `lr_img_synchronized` only under synchronized matching."""
     other_datasets = [d for d in (*DATASETS, *_schedule_datasets(settings)) if d != dataset]
     drop = [f"evaluate.synthetic.schedule.{d}" for d in other_datasets]
     if method == FULL or mode == "none":
@@ -126,6 +128,8 @@ def relevant(settings: Mapping[str, str], method: str, dataset: str, mode: str =
         drop.append("debias.mode")
         if mode not in LABEL_FREE_MODES:
             drop.append("bias_model")
+    if mode not in SYNCHRONIZED_MODES:
+        drop += [f"distill.{m}.{SYNCHRONIZED_LR}" for m in METHODS]
     if dataset != "cmnist":
         drop.append("cmnist")
     if method == "full":
