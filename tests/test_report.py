@@ -239,6 +239,55 @@ def test_debiased_experiments_fill_the_debias_table_not_table1(tmp_path):
     assert lines[at_1].endswith("| not measured (a cell is missing) |")
 
 
+def test_runs_that_change_only_the_seed_are_pooled_over_seeds(tmp_path):
+    """Runs of `--set seed=N` are a variant each, and the positions run with two seeds or more are pooled
+    with the reference's in `<budget>~seeds/`: mean ± population std over the seeds of each seed's cell;
+    a run that changed another setting too is not a replicate, a position with one seed is left out."""
+
+    def run_of(name: str, acc: float, seed: int, ratio: float = 0.95, **params) -> dict:
+        params = {**_with(**params.pop("distill", {})), "seed": seed, **params}
+        return _row(name * 40, f"s{seed}-{acc}", "2026-01-02T10:00:00", _all(acc), params, bias_ratio=ratio)
+
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), {**_with(), "seed": 0})
+    rows = [
+        run_of("1", 0.6, 1),
+        run_of("2", 0.7, 2),
+        run_of("3", 0.9, 1, distill={"dc.lr_img": 10.0}),  # seed and DC's rate: its DC is no replicate
+        run_of("4", 0.2, 2, ratio=0.1),  # one seed at rho 0.1
+        run_of("5", 0.75, 0, debias={"mode": "fairdd"}),
+        run_of("6", 0.85, 1, debias={"mode": "fairdd"}),
+    ]
+    written = report.write_report(_exp_show(*rows, baseline=base), tmp_path)
+    assert {"quick~seed=1", "quick~seed=2", "quick~seeds"} <= set(written)
+    pooled = _csv(tmp_path / "quick~seeds/table1_test_conflicting.csv")
+    assert pooled["DC"]["CMNIST-DD rho=0.95"] == "60.00 +- 8.16 (3 seeds)"  # 50, 60, 70
+    assert pooled["Full set"]["CMNIST-DD rho=0.95"] == "63.00 +- 8.16 (3 seeds)"
+    assert pooled["DC"]["CMNIST-DD rho=0.1"] == ""  # one seed: left out
+    debias = _csv(tmp_path / "quick~seeds/debias_test_uniform.csv")
+    assert debias["DM · FairDD (labels)"]["CMNIST-DD rho=0.95"] == "92.00 +- 5.00 (2 seeds)"  # 87, 97
+    title = (tmp_path / "quick~seeds/debias_test_uniform.md").read_text().splitlines()[0]
+    assert "mean ± std over seeds" in title and "pooled over the runs of seeds 0, 1, 2" in title
+    found = (tmp_path / "quick~seeds/findings_debias.md").read_text()
+    assert "largest std over the seeds" in found
+    assert "fairdd at rho 0.95 92.00 ± 5.00 (2 seeds)" in found
+    cells = list(csv.DictReader(io.StringIO((tmp_path / "quick~seeds/cells.csv").read_text())))
+    dc = next(c for c in cells if (c["method"], c["split"], c["mode"]) == ("dc", "test_conflicting", "none"))
+    assert dc["seeds"] == "0 1 2" and dc["n_repeats"] == "3"
+    assert dc["source"] == "workspace; s1-0.6 (1111111); s2-0.7 (2222222)"  # not s1-0.9
+    # the variants themselves are untouched: seed 1's DC is its own run's
+    assert _csv(tmp_path / "quick~seed=1/table1_test_conflicting.csv")["DC"]["CMNIST-DD rho=0.95"] == (
+        "60.00 +- 1.00"
+    )
+
+
+def test_no_seed_replicates_no_seeds_folder(tmp_path):
+    base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), {**_with(), "seed": 0})
+    other = _row(
+        "b" * 40, "lr10", "2026-01-02T10:00:00", _all(0.7), {**_with(**{"dc.lr_img": 10.0}), "seed": 0}
+    )
+    assert "quick~seeds" not in report.write_report(_exp_show(other, baseline=base), tmp_path)
+
+
 def test_newest_wins_and_says_so(tmp_path, caplog):
     old = _row("1" * 40, "old", "2026-01-01T11:00:00", _all(0.3), bias_ratio=0.8)
     new = _row("2" * 40, "new", "2026-01-01T12:00:00", _all(0.4), bias_ratio=0.8)

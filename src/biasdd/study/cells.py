@@ -13,9 +13,12 @@ same settings fill a cell the newest wins (the workspace counts as newest) and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import statistics
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +50,7 @@ class Cell:
     settings: Settings = ()  # what else its numbers depend on (`cell_settings`)
     mode: str = "none"  # debias.mode of a method's cell (the full set's is always none)
     rev: str = ""  # the git revision of the run (experiment or commit; "workspace"), to read its outputs
+    seeds: tuple[int, ...] = ()  # a cell pooled over seeds (`seed_replicates`): the seeds; () = one run
 
     @property
     def position(self) -> tuple[str, str, float, int, str, str, str]:
@@ -371,3 +375,46 @@ def find_variants(exp_show: Sequence[Mapping[str, Any]], rows: RowCells | None =
 def variant_cells(cells: Mapping[tuple, Cell], variant: Variant) -> dict[tuple, Cell]:
     """The cells of `variant`'s tables, keyed by position (one each: `cells` has one per settings)."""
     return {c.position: c for c in cells.values() if variant.fits(c)}
+
+
+# --- seed replicates: one cell per position, pooled over the runs that changed only `seed` -------------
+
+SEED = "seed"
+
+
+def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) -> dict[str, dict[tuple, Cell]]:
+    """Per budget, every position run with two seeds or more and otherwise the budget's reference settings
+    (the reference's cells and those of the variants whose only change is `seed`), pooled: the mean over
+    the seeds of each seed's cell (itself the mean over its evaluation networks), the population std of
+    those means (numpy's ddof=0, as the networks' std), the seeds in `seeds`, the runs in `source`.
+    Positions with one seed are left out; budgets without a seed variant have no entry."""
+    pooled: dict[str, dict[tuple, Cell]] = {}
+    for ref in (v for v in variants if not v.changes):
+        runs = [ref, *(v for v in variants if v.budget == ref.budget and [k for k, _ in v.changes] == [SEED])]
+        found: dict[tuple, list[tuple[int, Cell]]] = defaultdict(list)
+        for variant in runs:
+            seed = dict(variant.settings).get(SEED, UNSET)
+            if seed == UNSET:
+                continue
+            for position, cell in variant_cells(cells, variant).items():
+                found[position].append((int(json.loads(seed)), cell))
+        view = {}
+        for position, replicates in found.items():
+            if len(replicates) < 2:
+                continue
+            replicates.sort(key=lambda pair: pair[0])
+            means = [cell.mean for _, cell in replicates]
+            view[position] = dataclasses.replace(
+                replicates[0][1],
+                mean=statistics.fmean(means),
+                std=statistics.pstdev(means),
+                n_repeats=len(replicates),
+                source="; ".join(cell.source for _, cell in replicates),
+                timestamp=None,
+                settings=(),
+                rev="",
+                seeds=tuple(seed for seed, _ in replicates),
+            )
+        if view:
+            pooled[ref.budget] = view
+    return pooled

@@ -208,7 +208,10 @@ def debias_findings(cells: Mapping[tuple, Cell], budget: str) -> list[Finding]:
     return out
 
 
-def debias_findings_markdown(found: Sequence[Finding], budget: str, variant: str = "") -> str:
+def debias_findings_markdown(
+    found: Sequence[Finding], budget: str, variant: str = "", over: str = "the networks"
+) -> str:
+    """`over`: what the cells' std is over (the evaluation networks; the seeds for pooled cells)."""
     title = (
         f"**Debiased distillation on CMNIST-DD (docs/protocol.md §9), severity {TABLE1_SEVERITY}, "
         f"{SPLIT_TITLES[DEBIAS_SPLIT]}; {_budget_title(budget, variant)}**"
@@ -217,6 +220,6 @@ def debias_findings_markdown(found: Sequence[Finding], budget: str, variant: str
     lines += [f"| {f.claim} | {f.values} | {f.verdict} |" for f in found]
     note = (
         "Label-free modes: " + ", ".join(LABEL_FREE_MODES) + ". A margin smaller than the spread (the "
-        "largest std over the networks of the cells it rests on) is one a seed can move."
+        f"largest std over {over} of the cells it rests on) is one a seed can move."
     )
     return "\n".join([*lines, "", note]) + "\n"

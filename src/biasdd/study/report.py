@@ -41,6 +41,12 @@ Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/
 - `cells.csv`: every cell found, long form, with the experiment it came from.
 - `settings.json`: the settings the folder's cells were made with, and how they differ from the reference.
 
+Runs that changed only `seed` (`--set seed=1`) are a variant each, `<budget>~seed=1`, and are also
+pooled with the reference's: `<out>/<budget>~seeds/` holds Table 1, the debias table and
+`findings_debias.md` of every position run with two seeds or more, each cell the mean ± std over its
+seeds (each seed's cell the mean over its evaluation networks), and `cells.csv` with each cell's seeds
+and runs. A claim checked there rests on the seeds' mean, and its spread is theirs.
+
 Missing cells stay blank: a partial grid gives partial tables. Each table's title states its budget
 and, in a variant's folder, the changed settings.
 Cells that failed on a Ray cluster (`biasdd-cluster run` records them in `reports/cluster-status.json`
@@ -60,10 +66,20 @@ from pathlib import Path
 from typing import Any
 
 from biasdd import artifacts, figures
-from biasdd.study.cells import UNSET, Variant, collect_cells, find_variants, rows_with_cells, variant_cells
+from biasdd.study.cells import (
+    UNSET,
+    Cell,
+    Variant,
+    collect_cells,
+    find_variants,
+    rows_with_cells,
+    seed_replicates,
+    variant_cells,
+)
 from biasdd.study.experiments import WORKSPACE, exp_show_json
 from biasdd.study.findings import debias_findings, debias_findings_markdown, findings, findings_markdown
 from biasdd.study.tables import (
+    SEED_SPREAD,
     _budget_title,
     debias_table,
     failed_notes,
@@ -143,7 +159,39 @@ def write_report(
         files += [folder / "cells.csv", folder / "settings.json"]
         log.info("%s: %d cells -> %s%s", variant.folder, len(view), folder, note)
         written[variant.folder] = files
+    for budget, view in seed_replicates(cells, variants).items():
+        folder = f"{budget}~{SEEDS_FOLDER}"
+        written[folder] = write_seed_tables(view, budget, out / folder)
+        log.info("%s: %d cells pooled over seeds -> %s", folder, len(view), out / folder)
     return written
+
+
+SEEDS_FOLDER = "seeds"  # <out>/<budget>~seeds/: the cells run with several seeds, pooled
+
+
+def write_seed_tables(view: Mapping[tuple, Cell], budget: str, folder: Path) -> list[Path]:
+    """Table 1, the debias table and its findings, and cells.csv, of the cells pooled over seeds
+    (`seed_replicates`): each cell the mean ± std over its seeds, each seed's cell the mean over its
+    evaluation networks."""
+    seeds = sorted({seed for cell in view.values() for seed in cell.seeds})
+    shown = ", ".join(map(str, seeds))
+    note = f"; pooled over the runs of seeds {shown} (cells.csv: each cell's seeds and runs)"
+    files = []
+    for split in TEST_SPLITS:
+        tables = [table1(view, budget, split, note, spread=SEED_SPREAD)]
+        if has_debias_cells(view):
+            tables.append(debias_table(view, budget, split, note, spread=SEED_SPREAD))
+        for table in tables:
+            for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+                artifacts.write_text(folder / f"{table.name}{suffix}", text)
+                files.append(folder / f"{table.name}{suffix}")
+    if has_debias_cells(view):
+        path = folder / "findings_debias.md"
+        found = debias_findings(view, budget)
+        artifacts.write_text(path, debias_findings_markdown(found, budget, note, over="the seeds"))
+        files.append(path)
+    write_cells_csv(view.values(), folder / "cells.csv")
+    return [*files, folder / "cells.csv"]
 
 
 FIGURE2_RATIOS = (0.0, 1.0)  # the study's Figure 2: synthetic sets of anti-biased and fully biased data

@@ -37,6 +37,10 @@ from biasdd.vocab import (
 
 
 SPREAD = "mean ± std over the evaluation networks, (n=1) where one network was trained"
+SEED_SPREAD = (
+    "mean ± std over seeds (each seed's cell the mean over its evaluation networks; `seed` the only "
+    "setting changed), positions run with one seed left out"
+)
 
 
 def _fmt_ratio(ratio: float) -> str:
@@ -46,6 +50,8 @@ def _fmt_ratio(ratio: float) -> str:
 def _fmt_cell(cell: Cell | None, plus_minus: str) -> str:
     if cell is None:
         return ""
+    if cell.seeds:  # pooled over seeds: its std is theirs
+        return f"{100 * cell.mean:.2f} {plus_minus} {100 * cell.std:.2f} ({len(cell.seeds)} seeds)"
     if cell.n_repeats == 1:  # one network: no spread to show
         return f"{100 * cell.mean:.2f} (n=1)"
     return f"{100 * cell.mean:.2f} {plus_minus} {100 * cell.std:.2f}"
@@ -96,7 +102,9 @@ def _datasets(cells: Mapping[tuple, Cell], budget: str) -> list[str]:
     return [*DATASETS, *sorted(found - set(DATASETS))]
 
 
-def table1(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "") -> Table:
+def table1(
+    cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "", spread: str = SPREAD
+) -> Table:
     """Rows = methods and the full set; columns = dataset x bias ratio, at severity 4."""
     columns, keys = [], []
     for dataset in _datasets(cells, budget):
@@ -111,7 +119,7 @@ def table1(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = 
         for method in (*METHODS, "full")
     ]
     title = (
-        f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; "
+        f"Table 1: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {spread}; "
         f"severity {TABLE1_SEVERITY}; {_budget_title(budget, variant)}"
     )
     return Table(f"table1_{split}", title, "method", columns, rows)
@@ -140,7 +148,9 @@ def has_debias_cells(cells: Mapping[tuple, Cell]) -> bool:
     return any(c.mode != "none" for c in cells.values())
 
 
-def debias_table(cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "") -> Table:
+def debias_table(
+    cells: Mapping[tuple, Cell], budget: str, split: str, variant: str = "", spread: str = SPREAD
+) -> Table:
     """Rows = method x debias.mode (those with a cell); columns = dataset x bias ratio, at severity 4."""
     columns, keys = [], []
     debiased = {c.dataset for c in cells.values() if c.mode != "none"}
@@ -160,7 +170,7 @@ def debias_table(cells: Mapping[tuple, Cell], budget: str, split: str, variant: 
         if (method, mode) in present or (method in methods and mode == "none")
     ]
     title = (
-        f"Debiased distillation: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {SPREAD}; method x "
+        f"Debiased distillation: top-1 accuracy (%) on the {SPLIT_TITLES[split]}, {spread}; method x "
         f"debias.mode (docs/protocol.md §9), severity {TABLE1_SEVERITY}; {_budget_title(budget, variant)}"
     )
     return Table(f"debias_{split}", title, "method · debias.mode", columns, rows)
@@ -181,9 +191,10 @@ def write_cells_csv(cells: Iterable[Cell], path: Path) -> None:
     ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*fields, "source"])
+    writer.writerow([*fields, "seeds", "source"])
     for cell in sorted(cells, key=lambda c: c.key):
-        writer.writerow([getattr(cell, f) for f in fields] + [cell.source])
+        seeds = " ".join(str(seed) for seed in cell.seeds)  # pooled cells only
+        writer.writerow([getattr(cell, f) for f in fields] + [seeds, cell.source])
     artifacts.write_text(path, buffer.getvalue())
 
 
