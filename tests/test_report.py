@@ -244,16 +244,18 @@ def test_runs_that_change_only_the_seed_are_pooled_over_seeds(tmp_path):
     with the reference's in `<budget>~seeds/`: mean ± population std over the seeds of each seed's cell;
     a run that changed another setting too is not a replicate, a position with one seed is left out."""
 
-    def run_of(name: str, acc: float, seed: int, ratio: float = 0.95, **params) -> dict:
+    def run_of(name: str, acc: float, seed: int, ratio: float = 0.95, names=None, **params) -> dict:
         params = {**_with(**params.pop("distill", {})), "seed": seed, **params}
-        return _row(name * 40, f"s{seed}-{acc}", "2026-01-02T10:00:00", _all(acc), params, bias_ratio=ratio)
+        metrics = _all(acc, names)
+        return _row(name * 40, f"s{seed}-{acc}", "2026-01-02T10:00:00", metrics, params, bias_ratio=ratio)
 
     base = _row("a" * 40, "master", "2026-01-01T10:00:00", _all(0.5), {**_with(), "seed": 0})
     rows = [
         run_of("1", 0.6, 1),
         run_of("2", 0.7, 2),
-        run_of("3", 0.9, 1, distill={"dc.lr_img": 10.0}),  # seed and DC's rate: its DC is no replicate
+        run_of("3", 0.9, 1, names=["dc"], distill={"dc.lr_img": 10.0}),  # seed and DC's rate: no replicate
         run_of("4", 0.2, 2, ratio=0.1),  # one seed at rho 0.1
+        run_of("7", 0.8, 2, names=["dc"], distill={"dc.lr_img": 10.0}),
         run_of("5", 0.75, 0, debias={"mode": "fairdd"}),
         run_of("6", 0.85, 1, debias={"mode": "fairdd"}),
     ]
@@ -274,6 +276,13 @@ def test_runs_that_change_only_the_seed_are_pooled_over_seeds(tmp_path):
     dc = next(c for c in cells if (c["method"], c["split"], c["mode"]) == ("dc", "test_conflicting", "none"))
     assert dc["seeds"] == "0 1 2" and dc["n_repeats"] == "3"
     assert dc["source"] == "workspace; s1-0.6 (1111111); s2-0.7 (2222222)"  # not s1-0.9
+    # a variant's runs pool with its own seed replicates, not the reference's: DC at rate 10, seeds 1 and 2
+    assert "quick~distill.dc.lr_img=10.0~seeds" in written
+    rate10 = _csv(tmp_path / "quick~distill.dc.lr_img=10.0~seeds/table1_test_conflicting.csv")
+    assert rate10["DC"]["CMNIST-DD rho=0.95"] == "85.00 +- 5.00 (2 seeds)"  # 90, 80
+    assert rate10["DM"]["CMNIST-DD rho=0.95"] == pooled["DM"]["CMNIST-DD rho=0.95"]  # no DC param in DM
+    title = (tmp_path / "quick~distill.dc.lr_img=10.0~seeds/table1_test_conflicting.md").read_text()
+    assert "settings changed from quick/'s: distill.dc.lr_img=10.0; pooled over the runs of seeds" in title
     # the variants themselves are untouched: seed 1's DC is its own run's
     assert _csv(tmp_path / "quick~seed=1/table1_test_conflicting.csv")["DC"]["CMNIST-DD rho=0.95"] == (
         "60.00 +- 1.00"

@@ -382,17 +382,26 @@ def variant_cells(cells: Mapping[tuple, Cell], variant: Variant) -> dict[tuple, 
 SEED = "seed"
 
 
-def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) -> dict[str, dict[tuple, Cell]]:
-    """Per budget, every position run with two seeds or more and otherwise the budget's reference settings
-    (the reference's cells and those of the variants whose only change is `seed`), pooled: the mean over
-    the seeds of each seed's cell (itself the mean over its evaluation networks), the population std of
-    those means (numpy's ddof=0, as the networks' std), the seeds in `seeds`, the runs in `source`.
-    Positions with one seed are left out; budgets without a seed variant have no entry."""
-    pooled: dict[str, dict[tuple, Cell]] = {}
-    for ref in (v for v in variants if not v.changes):
-        runs = [ref, *(v for v in variants if v.budget == ref.budget and [k for k, _ in v.changes] == [SEED])]
+def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) -> list[tuple[Variant, dict]]:
+    """The runs that differ only in `seed`, pooled: variants are grouped by their changes other than `seed`
+    (the budget's reference, whose seed is its own, with the variants whose only change is `seed`; a
+    variant such as `bias_model.grouping=clustered` with those that add a `seed` to it), and every
+    position a group ran with two seeds or more becomes one cell: the mean over the seeds of each seed's
+    cell (itself the mean over its evaluation networks), the population std of those means (numpy's
+    ddof=0, as the networks' std), the seeds in `seeds`, the runs in `source`. Returns (the group's
+    settings as a Variant, its pooled cells by position) for each group with such a position; positions
+    with one seed are left out."""
+    refs = {v.budget: dict(v.settings) for v in variants if not v.changes}
+    groups: dict[tuple, list[Variant]] = defaultdict(list)
+    for variant in variants:
+        groups[(variant.budget, tuple(c for c in variant.changes if c[0] != SEED))].append(variant)
+    pooled = []
+    for (budget, rest), members in sorted(groups.items(), key=lambda item: item[0]):
+        if budget in refs and not any(v.changes == rest for v in members):  # the reference's seed, too
+            settings = {k: v for k, v in {**refs[budget], **dict(rest)}.items() if v != UNSET}
+            members = [Variant(budget, tuple(sorted(settings.items())), rest), *members]
         found: dict[tuple, list[tuple[int, Cell]]] = defaultdict(list)
-        for variant in runs:
+        for variant in members:
             seed = dict(variant.settings).get(SEED, UNSET)
             if seed == UNSET:
                 continue
@@ -400,7 +409,7 @@ def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) ->
                 found[position].append((int(json.loads(seed)), cell))
         view = {}
         for position, replicates in found.items():
-            if len(replicates) < 2:
+            if len({seed for seed, _ in replicates}) < 2:
                 continue
             replicates.sort(key=lambda pair: pair[0])
             means = [cell.mean for _, cell in replicates]
@@ -416,5 +425,6 @@ def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) ->
                 seeds=tuple(seed for seed, _ in replicates),
             )
         if view:
-            pooled[ref.budget] = view
+            settings = next((v.settings for v in members if v.changes == rest), members[0].settings)
+            pooled.append((Variant(budget, settings, rest), view))
     return pooled

@@ -41,8 +41,9 @@ Outputs, one folder per budget and settings found, `<out>/<budget>/` and `<out>/
 - `cells.csv`: every cell found, long form, with the experiment it came from.
 - `settings.json`: the settings the folder's cells were made with, and how they differ from the reference.
 
-Runs that changed only `seed` (`--set seed=1`) are a variant each, `<budget>~seed=1`, and are also
-pooled with the reference's: `<out>/<budget>~seeds/` holds Table 1, the debias table and
+Runs that changed `seed` (`--set seed=1`) are a variant each, `<budget>~seed=1`, and are also pooled
+with the runs of the same settings but the seed: `<out>/<budget>~seeds/` (with the reference's) and
+`<out>/<budget>~<changes>~seeds/` (with a variant's) hold Table 1, the debias table and
 `findings_debias.md` of every position run with two seeds or more, each cell the mean ± std over its
 seeds (each seed's cell the mean over its evaluation networks), and `cells.csv` with each cell's seeds
 and runs. A claim checked there rests on the seeds' mean, and its spread is theirs.
@@ -159,23 +160,24 @@ def write_report(
         files += [folder / "cells.csv", folder / "settings.json"]
         log.info("%s: %d cells -> %s%s", variant.folder, len(view), folder, note)
         written[variant.folder] = files
-    for budget, view in seed_replicates(cells, variants).items():
-        folder = f"{budget}~{SEEDS_FOLDER}"
-        written[folder] = write_seed_tables(view, budget, out / folder)
+    for group, view in seed_replicates(cells, variants):
+        folder = f"{group.folder}~{SEEDS_FOLDER}"
+        written[folder] = write_seed_tables(view, group, out / folder)
         log.info("%s: %d cells pooled over seeds -> %s", folder, len(view), out / folder)
     return written
 
 
-SEEDS_FOLDER = "seeds"  # <out>/<budget>~seeds/: the cells run with several seeds, pooled
+SEEDS_FOLDER = "seeds"  # <out>/<budget>[~<changes>]~seeds/: the cells run with several seeds, pooled
 
 
-def write_seed_tables(view: Mapping[tuple, Cell], budget: str, folder: Path) -> list[Path]:
+def write_seed_tables(view: Mapping[tuple, Cell], group: Variant, folder: Path) -> list[Path]:
     """Table 1, the debias table and its findings, and cells.csv, of the cells pooled over seeds
     (`seed_replicates`): each cell the mean ± std over its seeds, each seed's cell the mean over its
     evaluation networks."""
+    budget = group.budget
     seeds = sorted({seed for cell in view.values() for seed in cell.seeds})
     shown = ", ".join(map(str, seeds))
-    note = f"; pooled over the runs of seeds {shown} (cells.csv: each cell's seeds and runs)"
+    note = f"{group.note()}; pooled over the runs of seeds {shown} (cells.csv: each cell's seeds and runs)"
     files = []
     for split in TEST_SPLITS:
         tables = [table1(view, budget, split, note, spread=SEED_SPREAD)]

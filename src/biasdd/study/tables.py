@@ -38,8 +38,8 @@ from biasdd.vocab import (
 
 SPREAD = "mean ± std over the evaluation networks, (n=1) where one network was trained"
 SEED_SPREAD = (
-    "mean ± std over seeds (each seed's cell the mean over its evaluation networks; `seed` the only "
-    "setting changed), positions run with one seed left out"
+    "mean ± std over seeds (each seed's cell the mean over its evaluation networks; the runs pooled "
+    "differ in `seed` alone), positions run with one seed left out"
 )
 
 
