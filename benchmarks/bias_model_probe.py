@@ -4,6 +4,7 @@
     # ~30 s per ratio on 2 CPU cores at the quick budget's bias model: builds each biased set from MNIST
     python benchmarks/bias_model_probe.py --ratios 0.95 0.1 0 --out /tmp/probe --set steps=200
     # another bias model (any key of the bias_model params section)
+    python benchmarks/bias_model_probe.py --ratios 0.95 --out /tmp/probe-s2 --seed 2   # another seed
 
 For each bias ratio: builds CMNIST-DD (params.yaml's settings, that ratio) with the pipeline's own
 stages, trains the bias model as the bias_model stage does, and prints the mean confidence of its
@@ -77,12 +78,15 @@ def main() -> None:
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.7, 0.8, 0.9])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a bias_model param for this probe, e.g. steps=200 (repeatable)")  # fmt: skip
+    parser.add_argument("--seed", type=int, help="the run's seed (default: params.yaml's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / "base.h5"
     for ratio in args.ratios:
         params = load_params(REPO / "params.yaml")
         params["bias_ratio"] = ratio
+        if args.seed is not None:
+            params["seed"] = args.seed
         for assignment in args.set:
             key, _, value = assignment.partition("=")
             params["bias_model"][key] = yaml.safe_load(value)
