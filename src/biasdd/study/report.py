@@ -81,6 +81,7 @@ from biasdd.study.experiments import WORKSPACE, exp_show_json
 from biasdd.study.findings import debias_findings, debias_findings_markdown, findings, findings_markdown
 from biasdd.study.tables import (
     SEED_SPREAD,
+    Table,
     _budget_title,
     debias_table,
     failed_notes,
@@ -126,13 +127,14 @@ def write_report(
             tables = [table1(view, budget, split, note), table2(view, budget, split, note)]
             if has_debias_cells(view):
                 tables.append(debias_table(view, budget, split, note))
-            for table in tables:
-                if not variant.changes and table.name.startswith(("table1", "table2")):
-                    table = dataclasses.replace(table, notes=failed_notes(failed, budget, table.name[:6]))
-                for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
-                    path = folder / f"{table.name}{suffix}"
-                    artifacts.write_text(path, text)
-                    files.append(path)
+            if not variant.changes:
+                tables = [
+                    dataclasses.replace(t, notes=failed_notes(failed, budget, t.name[:6]))
+                    if t.name.startswith(("table1", "table2"))
+                    else t
+                    for t in tables
+                ]
+            files += _write_tables(tables, folder)
         if any(c.dataset == "cmnist" for c in view.values()):
             path = folder / "findings_cmnist.md"
             artifacts.write_text(path, findings_markdown(findings(view, budget), budget, note))
@@ -183,10 +185,7 @@ def write_seed_tables(view: Mapping[tuple, Cell], group: Variant, folder: Path) 
         tables = [table1(view, budget, split, note, spread=SEED_SPREAD)]
         if has_debias_cells(view):
             tables.append(debias_table(view, budget, split, note, spread=SEED_SPREAD))
-        for table in tables:
-            for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
-                artifacts.write_text(folder / f"{table.name}{suffix}", text)
-                files.append(folder / f"{table.name}{suffix}")
+        files += _write_tables(tables, folder)
     if has_debias_cells(view):
         path = folder / "findings_debias.md"
         found = debias_findings(view, budget)
@@ -194,6 +193,16 @@ def write_seed_tables(view: Mapping[tuple, Cell], group: Variant, folder: Path) 
         files.append(path)
     write_cells_csv(view.values(), folder / "cells.csv")
     return [*files, folder / "cells.csv"]
+
+
+def _write_tables(tables: Sequence[Table], folder: Path) -> list[Path]:
+    """Each table as `<name>.md` and `<name>.csv` in `folder`."""
+    files = []
+    for table in tables:
+        for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+            artifacts.write_text(folder / f"{table.name}{suffix}", text)
+            files.append(folder / f"{table.name}{suffix}")
+    return files
 
 
 FIGURE2_RATIOS = (0.0, 1.0)  # the study's Figure 2: synthetic sets of anti-biased and fully biased data
