@@ -377,7 +377,7 @@ def variant_cells(cells: Mapping[tuple, Cell], variant: Variant) -> dict[tuple, 
     return {c.position: c for c in cells.values() if variant.fits(c)}
 
 
-# --- seed replicates: one cell per position, pooled over the runs that changed only `seed` -------------
+# --- seed replicates: one cell per position, pooled over runs that differ in `seed` alone -------------
 
 SEED = "seed"
 
@@ -388,9 +388,9 @@ def seed_replicates(cells: Mapping[tuple, Cell], variants: Sequence[Variant]) ->
     variant such as `bias_model.grouping=clustered` with those that add a `seed` to it), and every
     position a group ran with two seeds or more becomes one cell: the mean over the seeds of each seed's
     cell (itself the mean over its evaluation networks), the population std of those means (numpy's
-    ddof=0, as the networks' std), the seeds in `seeds`, the runs in `source`. Returns (the group's
-    settings as a Variant, its pooled cells by position) for each group with such a position; positions
-    with one seed are left out."""
+    ddof=0, as the networks' std), the seeds in `seeds` (their number in `n_repeats`), the runs in
+    `source`. Returns (the group's settings as a Variant, its pooled cells by position) for each group
+    with such a position; positions with one seed are left out."""
     refs = {v.budget: dict(v.settings) for v in variants if not v.changes}
     groups: dict[tuple, list[Variant]] = defaultdict(list)
     for variant in variants:
