@@ -180,13 +180,14 @@ def write_seed_tables(view: Mapping[tuple, Cell], group: Variant, folder: Path) 
     seeds = sorted({seed for cell in view.values() for seed in cell.seeds})
     shown = ", ".join(map(str, seeds))
     note = f"{group.note()}; pooled over the runs of seeds {shown} (cells.csv: each cell's seeds and runs)"
+    debiased = has_debias_cells(view)
     files = []
     for split in TEST_SPLITS:
         tables = [table1(view, budget, split, note, spread=SEED_SPREAD)]
-        if has_debias_cells(view):
+        if debiased:
             tables.append(debias_table(view, budget, split, note, spread=SEED_SPREAD))
         files += _write_tables(tables, folder)
-    if has_debias_cells(view):
+    if debiased:
         path = folder / "findings_debias.md"
         found = debias_findings(view, budget)
         artifacts.write_text(path, debias_findings_markdown(found, budget, note, over="the seeds"))
