@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from biasdd.errors import ArtifactError, ConfigError
-from biasdd.pipeline.evaluate import evaluate_ensemble, group_metrics, summarise, train_at_rates
+from biasdd.pipeline.evaluate import evaluate_ensemble, group_hits, group_metrics, summarise, train_at_rates
 from biasdd.training.trainer import train_networks
 
 from .test_train import IM_SIZE, make_cfg, max_weight_diff, noisy_flip, tiny_factory
@@ -38,6 +38,17 @@ def test_group_metrics_by_hand() -> None:
         "worst_group_accuracy": 0.0,
         "n": 8,
     }
+
+
+def test_group_hits_by_hand() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    attributes = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    correct = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0])
+    counts, hits = group_hits(correct, labels, attributes, NUM_CLASSES)
+    # index class * 3 + attribute: (0,0) 2 samples 1 hit, (0,1) 1/1, (1,1) 1/1, (1,2) 2/1, (2,2) 1/1, (2,0) 1/0
+    assert counts.tolist() == [2, 1, 0, 0, 1, 2, 1, 0, 1]
+    assert hits.tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 1]
+    assert counts.dtype == hits.dtype == torch.float64
 
 
 def test_group_metrics_without_aligned_samples() -> None:

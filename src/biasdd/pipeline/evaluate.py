@@ -226,6 +226,61 @@ def run(
     new evaluation network (docs/protocol.md §7).
     """
     setup = dataclasses.replace(setup, run=start(setup.run))  # the device: leased now, not when validated
+    trained = train_evaluation_networks(setup, data_path, synthetic_path, progress)
+    results = evaluate_ensemble(
+        trained.ensemble,
+        load_test_splits(data_path),
+        NUM_CLASSES,
+        batch_size=setup.shared.batch_test,
+        compute=setup.run.compute,
+    )
+    data_attrs = artifacts.read_attrs(data_path, kind="biased")
+    out: dict[str, Any] = {
+        "name": setup.name,
+        "budget": setup.run.budget,
+        "dataset": setup.run.dataset,
+        "bias_ratio": data_attrs.get("bias_ratio"),
+        "severity": data_attrs.get("severity"),
+        "n_repeats": setup.shared.repeats,
+        "n_synthetic_sets": trained.sets,
+        "n_train": trained.n_train,
+        "device": setup.run.device,
+        "provenance": setup.provenance(),
+    }
+    if trained.rates is not None:
+        out["learned_lr"] = trained.rates  # per network
+    for split in TEST_SPLITS:
+        out[split] = results[split]["summary"]
+    if bias_classifier_path is not None:
+        out["bias_amplification"] = amplification_metrics(
+            bias_classifier_path, synthetic_path, setup.run.device
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class TrainedNetworks:
+    ensemble: NetworkEnsemble
+    sets: int  # distilled sets the networks trained on (1 for the full set)
+    n_train: int  # training images per network
+    rates: list[float] | None  # each network's learned learning rate (`lr: learned`), else None
+
+
+def load_test_splits(data_path: Path) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Every test split of the biased set, normalised by its training split: {split: (images, labels,
+    attributes)}."""
+    mean, std = train_stats(data_path)
+    splits = {}
+    for split in TEST_SPLITS:
+        test = load_split(data_path, split, mean, std)
+        splits[split] = (test.images, test.labels, test.attributes)
+    return splits
+
+
+def train_evaluation_networks(
+    setup: EvalSetup, data_path: Path, synthetic_path: Path | None, progress: bool = True
+) -> TrainedNetworks:
+    """The evaluation networks of `run`, trained (on `setup.run.device`, already leased by `start`)."""
     mean, std = train_stats(data_path)
     device = setup.run.device
     if synthetic_path is None:
@@ -269,33 +324,7 @@ def run(
         progress=progress,
         compute=setup.run.compute,
     )
-    splits = {}
-    for split in TEST_SPLITS:
-        test = load_split(data_path, split, mean, std)
-        splits[split] = (test.images, test.labels, test.attributes)
-    results = evaluate_ensemble(
-        ensemble, splits, NUM_CLASSES, batch_size=setup.shared.batch_test, compute=setup.run.compute
-    )
-    data_attrs = artifacts.read_attrs(data_path, kind="biased")
-    out: dict[str, Any] = {
-        "name": setup.name,
-        "budget": setup.run.budget,
-        "dataset": setup.run.dataset,
-        "bias_ratio": data_attrs.get("bias_ratio"),
-        "severity": data_attrs.get("severity"),
-        "n_repeats": setup.shared.repeats,
-        "n_synthetic_sets": sets,
-        "n_train": int(labels.shape[-1]),
-        "device": device,
-        "provenance": setup.provenance(),
-    }
-    if rates is not None:
-        out["learned_lr"] = rates  # per network
-    for split in TEST_SPLITS:
-        out[split] = results[split]["summary"]
-    if bias_classifier_path is not None:
-        out["bias_amplification"] = amplification_metrics(bias_classifier_path, synthetic_path, device)
-    return out
+    return TrainedNetworks(ensemble, sets, int(labels.shape[-1]), rates)
 
 
 # --- the metrics files ------------------------------------------------------------------------------
@@ -370,9 +399,7 @@ def group_metrics(
         count = int(mask.sum())
         return float(correct[mask].sum()) / count if count else None
 
-    group = labels * num_classes + attributes  # (N,) group id of (class, attribute)
-    counts = torch.bincount(group, minlength=num_classes**2)
-    hits = torch.bincount(group, weights=correct, minlength=num_classes**2)
+    counts, hits = group_hits(correct, labels, attributes, num_classes)
     present = counts > 0
     group_acc = hits[present] / counts[present]
     return {
@@ -382,6 +409,17 @@ def group_metrics(
         "worst_group_accuracy": float(group_acc.min()) if num_samples else None,
         "n": num_samples,
     }
+
+
+def group_hits(
+    correct: Tensor, labels: Tensor, attributes: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Of every (class, attribute) group, its samples and its correct predictions: two (K * K,) float64
+    tensors indexed by class * K + attribute. `correct` is 1 where a prediction is right, else 0."""
+    group = labels.long() * num_classes + attributes.long()  # (N,) group id of (class, attribute)
+    counts = torch.bincount(group, minlength=num_classes**2).double()
+    hits = torch.bincount(group, weights=correct.double(), minlength=num_classes**2)
+    return counts, hits
 
 
 def summarise(per_repeat: list[dict[str, float | None]]) -> dict[str, dict[str, float | list | None]]:
