@@ -98,6 +98,10 @@ def group_accuracy(
 def missed_groups(files: dict) -> torch.Tensor:
     """(K * K,) bool: the true bias-conflicting (class, attribute) groups of the training split that no
     pseudo-attribute of the bias model names."""
+    if "bias_model" not in files:
+        raise SystemExit(
+            "the label-free run's dvc.lock has no data/bias_model.h5: give an inferred mode's run"
+        )
     train = artifacts.read_h5(files["biased"], "train", ("labels", "attributes"), kind="biased")
     labels = torch.from_numpy(train["labels"].astype("int64"))
     attributes = torch.from_numpy(train["attributes"].astype("int64"))
@@ -134,10 +138,12 @@ def main() -> None:
             points = 100 * (hits_a - hits_b) / float(counts.sum())  # each group's part of the gap
             found = ~missed & ~aligned
             parts = [float(points[m].sum()) for m in (torch.ones_like(missed), missed, found, aligned)]
-            on_missed = [100 * float(h[missed].sum() / counts[missed].sum()) for h in (hits_a, hits_b)]
+            on_missed = None
+            if bool(missed.any()):
+                on_missed = [100 * float(h[missed].sum() / counts[missed].sum()) for h in (hits_a, hits_b)]
             names = ", ".join(f"class {int(g) // NUM_CLASSES} in attribute {int(g) % NUM_CLASSES}"
                               for g in torch.nonzero(missed).squeeze(1))  # fmt: skip
-            rows.append((labelled, label_free, parts, on_missed if bool(missed.any()) else None, names))
+            rows.append((labelled, label_free, parts, on_missed, names))
     print(
         f"\n{args.method}, {args.split}: the labelled run's accuracy minus the label-free one's, in points, "
         "and its parts from the groups the bias model missed, the conflicting groups it found (or that hold "
