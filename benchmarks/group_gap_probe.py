@@ -1,6 +1,6 @@
 """Where a label-free cell loses to a labelled one: the gap between two runs' accuracy, (class, attribute)
-group by group, split into the groups the label-free run's bias model found and those it missed
-(docs/protocol.md §9).
+group by group, split into the groups the label-free run's bias model missed, the conflicting groups it
+found and the aligned groups (docs/protocol.md §9).
 
     python benchmarks/group_gap_probe.py --method dc --pair 1288c94 9061afd --pair c8f8acf a830ec4
     # each --pair: the labelled run (e.g. debias.mode=fairdd), then the label-free one (an inferred
@@ -12,10 +12,11 @@ method's synthetic set and the bias model's output from the local DVC cache (by 
 first where a remote holds them), trains the evaluation networks again exactly as the evaluate stage did
 (`biasdd.pipeline.evaluate.train_evaluation_networks`), and checks the accuracy it gets against the run's
 committed metric: a run whose networks do not come out the same (another machine, other code) is
-reported, not used. Then, on `--split` (default test_uniform), per pair: both accuracies, their gap, and
-the gap's part that comes from the groups the label-free run's bias model missed (true (class, attribute)
-groups of bias-conflicting training samples that no pseudo-attribute names), with both runs' accuracy on
-those groups. Cost: one evaluation per run (about a minute for DC at the quick budget on 2 CPU cores).
+reported, not used. Then, on `--split` (default test_uniform), per pair: the gap between the two
+accuracies, split into the parts from the groups the label-free run's bias model missed (true (class,
+attribute) groups of bias-conflicting training samples that no pseudo-attribute names), from the other
+conflicting groups and from the aligned ones, with both runs' accuracy on the missed groups. Cost: one
+evaluation per run (DC at the quick budget: 23 min for ten runs on 2 CPU cores shared with a DVC queue).
 """
 
 from __future__ import annotations
