@@ -45,7 +45,7 @@ def test_group_hits_by_hand() -> None:
     attributes = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
     correct = torch.tensor([1, 0, 1, 1, 1, 0, 1, 0])
     counts, hits = group_hits(correct, labels, attributes, NUM_CLASSES)
-    # index class * 3 + attribute: (0,0) 2 samples 1 hit, (0,1) 1/1, (1,1) 1/1, (1,2) 2/1, (2,2) 1/1, (2,0) 1/0
+    # at class * 3 + attribute, samples/hits: (0,0) 2/1, (0,1) 1/1, (1,1) 1/1, (1,2) 2/1, (2,2) 1/1, (2,0) 1/0
     assert counts.tolist() == [2, 1, 0, 0, 1, 2, 1, 0, 1]
     assert hits.tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 1]
     assert counts.dtype == hits.dtype == torch.float64
