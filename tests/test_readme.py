@@ -91,5 +91,14 @@ def test_setup_lint_and_test_commands_are_what_ci_runs():
         assert command in ci and command in README, command
 
 
+def test_ci_stops_at_any_failing_command_of_a_list():
+    """set -e ignores a failure before the last && of a list (`ruff check` failing let CI pass)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    lists = [line for line in ci.splitlines() if " && " in line and not line.lstrip().startswith("#")]
+    assert lists
+    for line in lists:
+        assert line.rstrip().endswith("|| exit 1"), line
+
+
 def test_readme_stays_short():
     assert len(README.splitlines()) <= 200
